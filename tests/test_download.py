@@ -1,0 +1,270 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from msmarco_data import download, DownloadError  # noqa: E402
+
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+import pytest  # noqa: E402
+
+PAYLOAD = os.urandom(3 * 1024 * 1024)
+MB = 1024 * 1024
+FAST = dict(retries=3, backoff=0.01, timeout=10.0)
+
+
+class Server:
+    """Local HTTP server whose behaviour the tests steer through attributes."""
+
+    def __init__(self) -> None:
+        self.payload = PAYLOAD
+        self.cut_after: int | None = None  # close the socket after N body bytes, once
+        self.status: int | None = None  # answer this error status instead
+        self.fail_times = 0  # answer 503 this many times first
+        self.ignore_range = False
+        self.chunked_cut: int | None = None  # once: chunked body, cut after N bytes
+        self.requests: list[dict] = []  # headers of each request
+        self.served: list[int] = []  # body bytes sent per request
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_GET(self):
+                outer.requests.append(dict(self.headers))
+                if outer.status is not None:
+                    outer.served.append(0)  # record before replying: the client may finish first
+                    self.send_error(outer.status)
+                    return
+                if outer.fail_times:
+                    outer.fail_times -= 1
+                    outer.served.append(0)
+                    self.send_error(503)
+                    return
+                data = outer.payload
+                if outer.chunked_cut is not None:
+                    n, outer.chunked_cut = outer.chunked_cut, None
+                    outer.served.append(n)
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.write(b"%x\r\n" % len(data) + data[:n])  # one chunk, cut short
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_WR)
+                    self.close_connection = True
+                    return
+                start = 0
+                m = re.match(r"bytes=(\d+)-$", self.headers.get("Range", ""))
+                if m and not outer.ignore_range:
+                    start = int(m.group(1))
+                    if start >= len(data):
+                        outer.served.append(0)
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))  # always the full length
+                self.end_headers()
+                if outer.cut_after is not None:
+                    n, outer.cut_after = outer.cut_after, None
+                    outer.served.append(n)
+                    self.wfile.write(body[:n])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_WR)  # short read for the client
+                    self.close_connection = True
+                    return
+                outer.served.append(len(body))
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/collection.tar.gz"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def _part(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part")
+
+
+def test_complete_download(server, tmp_path):
+    dest = tmp_path / "sub" / "file.bin"
+    out = download(server.url, dest, size=len(PAYLOAD), sha256=hashlib.sha256(PAYLOAD).hexdigest(),
+                   md5=hashlib.md5(PAYLOAD).hexdigest(), **FAST)
+    assert out == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert not _part(dest).exists()
+    assert len(server.requests) == 1
+    assert "User-Agent" in server.requests[0]
+    assert "Range" not in server.requests[0]
+
+
+def test_existing_dest_is_returned_without_request(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    dest.write_bytes(b"cached")
+    assert download(server.url, dest, **FAST) == dest
+    assert dest.read_bytes() == b"cached"
+    assert server.requests == []
+
+
+def test_cut_connection_is_resumed(server, tmp_path):
+    half = len(PAYLOAD) // 2
+    server.cut_after = half
+    dest = tmp_path / "file.bin"
+    download(server.url, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest(), **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert len(server.requests) == 2
+    assert "Range" not in server.requests[0]
+    assert server.requests[1]["Range"] == f"bytes={half}-"
+    assert server.served == [half, len(PAYLOAD) - half]
+    assert not _part(dest).exists()
+
+
+def test_cut_chunked_body_is_resumed(server, tmp_path):
+    # A chunked body has no Content-Length; http.client raises IncompleteRead instead.
+    half = len(PAYLOAD) // 2
+    server.chunked_cut = half
+    dest = tmp_path / "file.bin"
+    download(server.url, dest, size=len(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert len(server.requests) == 2
+    # http.client's IncompleteRead may drop the bytes of the read() in flight, so the
+    # resume point is somewhere in (0, half], but it must be exactly what was kept.
+    resumed_at = int(re.fullmatch(r"bytes=(\d+)-", server.requests[1]["Range"]).group(1))
+    assert 0 < resumed_at <= half
+    assert server.served[1] == len(PAYLOAD) - resumed_at
+    assert not _part(dest).exists()
+
+
+def test_resume_from_existing_part(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    _part(dest).write_bytes(PAYLOAD[:MB])
+    download(server.url, dest, size=len(PAYLOAD), md5=hashlib.md5(PAYLOAD).hexdigest(), **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert len(server.requests) == 1
+    assert server.requests[0]["Range"] == f"bytes={MB}-"
+    assert server.served == [len(PAYLOAD) - MB]
+    assert not _part(dest).exists()
+
+
+def test_complete_part_with_416(server, tmp_path):
+    # Without `size` the function can't know the part is whole; the server's 416 says so.
+    dest = tmp_path / "file.bin"
+    _part(dest).write_bytes(PAYLOAD)
+    download(server.url, dest, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.served == [0]
+
+
+@pytest.mark.parametrize("delta", [-10, 10])
+def test_size_mismatch(server, tmp_path, delta):
+    dest = tmp_path / "file.bin"
+    expected = len(PAYLOAD) + delta
+    with pytest.raises(DownloadError) as ei:
+        download(server.url, dest, size=expected, **FAST)
+    msg = str(ei.value)
+    assert server.url in msg
+    assert str(expected) in msg and str(len(PAYLOAD)) in msg
+    assert str(dest) in msg
+    assert not dest.exists()
+    assert not _part(dest).exists()
+
+
+def test_checksum_mismatch(server, tmp_path):
+    server.payload = os.urandom(len(PAYLOAD))  # right length, wrong bytes
+    dest = tmp_path / "file.bin"
+    want = hashlib.sha256(PAYLOAD).hexdigest()
+    with pytest.raises(DownloadError) as ei:
+        download(server.url, dest, size=len(PAYLOAD), sha256=want, **FAST)
+    msg = str(ei.value)
+    assert server.url in msg and want in msg
+    assert hashlib.sha256(server.payload).hexdigest() in msg
+    assert not dest.exists()
+    assert not _part(dest).exists()
+
+
+def test_404_not_retried(server, tmp_path):
+    server.status = 404
+    dest = tmp_path / "file.bin"
+    _part(dest).write_bytes(b"stale")
+    with pytest.raises(DownloadError) as ei:
+        download(server.url, dest, **FAST)
+    msg = str(ei.value)
+    assert server.url in msg
+    assert "404" in msg
+    assert f"curl -L -C - -o {dest}.part '{server.url}' && mv {dest}.part {dest}" in msg
+    assert "browser" in msg
+    assert not dest.exists()
+    assert not _part(dest).exists()
+    assert len(server.requests) == 1
+
+
+def test_5xx_is_retried(server, tmp_path):
+    server.fail_times = 2
+    dest = tmp_path / "file.bin"
+    download(server.url, dest, size=len(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert len(server.requests) == 3
+
+
+def test_5xx_retries_exhausted_keeps_part(server, tmp_path):
+    server.status = 503
+    dest = tmp_path / "file.bin"
+    _part(dest).write_bytes(PAYLOAD[:MB])
+    with pytest.raises(DownloadError) as ei:
+        download(server.url, dest, retries=2, backoff=0.01)
+    assert "503" in str(ei.value) and server.url in str(ei.value)
+    assert len(server.requests) == 3
+    assert _part(dest).read_bytes() == PAYLOAD[:MB]  # kept for the next run to resume
+    assert not dest.exists()
+
+
+def test_server_ignoring_range(server, tmp_path):
+    server.ignore_range = True
+    dest = tmp_path / "file.bin"
+    _part(dest).write_bytes(PAYLOAD[:MB])
+    download(server.url, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest(), **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.requests[0]["Range"] == f"bytes={MB}-"
+    assert len(server.requests) == 1
+    assert not _part(dest).exists()
+
+
+def test_connection_refused(tmp_path):
+    with socket.socket() as s:  # grab a free port, then close it so nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/file.bin"
+    dest = tmp_path / "file.bin"
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError) as ei:
+        download(url, dest, retries=1, backoff=0.01, timeout=5.0)
+    assert time.monotonic() - t0 < 5
+    assert url in str(ei.value)
+    assert "curl -L -C - -o" in str(ei.value)
+    assert not dest.exists()
