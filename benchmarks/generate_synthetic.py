@@ -1,0 +1,529 @@
+"""Synthetic MS MARCO training sources in the exact real file formats, at any scale.
+
+    python benchmarks/generate_synthetic.py OUT_DIR --factor 0.01 [--seed 0] [--only collection,ce_scores,...]
+
+`--factor 1.0` gives the real sizes: 8,841,823 passages, ~502,939 training queries with ~320 cross-encoder
+scores each (~160M entries), 40M teacher lines, one hard-negatives line per query (13 systems, up to 50
+negatives each). The folder it writes works as an `msmarco_data.MSMarco` data folder: the files are present,
+so nothing is downloaded.
+
+Files (names as in msmarco_data.SOURCES):
+  collection.tar.gz               member collection.tsv, `pid \\t passage`, pids 0..N-1; random words with a
+                                  long-tailed length distribution (mean ~330 bytes, ~58 words, at most ~1,700
+                                  bytes), ~10% of passages carry the real collection's double-encoded UTF-8
+                                  (``donâ\\x80\\x99t``) and ~1% genuine UTF-8 (``café``), which does not round-trip
+  cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz
+                                  gzipped pickle of {qid: {pid: score}} (int -> float), written by a streaming
+                                  writer that never builds the dict: the opcode stream of the C pickler's
+                                  pickle.dumps(d, protocol=4) (PROTO, EMPTY_DICT, MEMOIZE, MARK, BININT/BININT1/
+                                  BININT2 keys, BINFLOAT values, SETITEMS per 1,000 items, SETITEM for a dict of
+                                  one item, STOP), with FRAME opcodes at query boundaries (~64 KiB frames; the C
+                                  pickler puts its frame boundaries elsewhere) or none (framing=False)
+  bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv
+                                  `pos_score \\t neg_score \\t qid \\t pid_pos \\t pid_neg`, scores with 6 decimals
+  msmarco-hard-negatives.jsonl.gz {"qid": int, "pos": [pid], "neg": {system: [pid]}}, 13 real system names
+  qidpidtriples.train.full.2.tsv.gz
+                                  `qid \\t pid_pos \\t pid_neg`. SCALED DOWN: the real file has 397,768,673 lines,
+                                  this one 20M * factor lines; the scripts only ever read a prefix of it
+                                  (MSMarco.triples(max_rows)), so the full length is never needed
+
+Everything is generated in numpy chunks with per-chunk seeded generators (memory stays at one chunk, and a
+chunk can be regenerated to check what a store returns: see `iter_score_chunks`, `iter_teacher_chunks`).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+REAL = {
+    "passages": 8_841_823,
+    "queries": 502_939,  # training queries with hard negatives and cross-encoder scores
+    "scores_per_query": 320,  # ~160M (qid, pid, score) entries in all
+    "teacher_lines": 40_000_000,
+    "triples_lines": 20_000_000,  # scaled: the real qidpidtriples.train.full.2.tsv.gz has 397,768,673 lines
+}
+QID_RANGE = 1_200_000  # real training qids lie below ~1.19M
+
+SYSTEMS = ["bm25", "msmarco-distilbert-base-tas-b", "msmarco-distilbert-base-v3", "msmarco-MiniLM-L-6-v3",
+           "distilbert-margin_mse-cls-dot-v2", "distilbert-margin_mse-cls-dot-v1", "distilbert-margin_mse-mean-dot-v1",
+           "mpnet-margin_mse-mean-v1", "co-condenser-margin_mse-cls-v1", "distilbert-margin_mse-mnrl-mean-v1",
+           "distilbert-margin_mse-sym_mnrl-mean-v1", "distilbert-margin_mse-sym_mnrl-mean-v2",
+           "co-condenser-margin_mse-sym_mnrl-mean-v1"]
+
+FILES = {
+    "collection": "collection.tar.gz",
+    "ce_scores": "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz",
+    "teacher": "bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv",
+    "hard_negatives": "msmarco-hard-negatives.jsonl.gz",
+    "triples": "qidpidtriples.train.full.2.tsv.gz",
+}
+
+# stream ids for the per-chunk generators: every file draws from its own streams
+_S_VOCAB, _S_COLL, _S_QIDS, _S_CE, _S_TEACHER, _S_HN, _S_TRIPLES = range(7)
+
+
+def sizes(factor: float) -> dict:
+    """Row counts at `factor` (1.0 = real sizes; triples scaled, see the module doc)."""
+    q = max(1, round(REAL["queries"] * factor))
+    return {"passages": max(1000, round(REAL["passages"] * factor)), "queries": q,
+            "ce_entries_approx": q * REAL["scores_per_query"],
+            "teacher_lines": max(1, round(REAL["teacher_lines"] * factor)),
+            "triples_lines": max(1, round(REAL["triples_lines"] * factor))}
+
+
+def _rng(seed: int, stream: int, chunk: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, chunk])
+
+
+def query_ids(n_queries: int, seed: int = 0) -> np.ndarray:
+    """The training qids (distinct, in random order) shared by the score pickle and hard negatives."""
+    hi = max(QID_RANGE, 3 * n_queries)
+    return _rng(seed, _S_QIDS).choice(hi, size=n_queries, replace=False).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Vectorized text rendering: numbers to ASCII without a Python call per value.
+# --------------------------------------------------------------------------------------------
+def _digits(x: np.ndarray, width: int) -> np.ndarray:
+    """(n, width) uint8 decimal digits of non-negative ints, leading zeros as 0 bytes (dropped later)."""
+    x = np.asarray(x, dtype=np.int64)
+    out = np.empty((len(x), width), dtype=np.uint8)
+    v = x.copy()
+    for k in range(width - 1, -1, -1):
+        out[:, k] = (v % 10) + 48
+        v //= 10
+    if width > 1:  # blank leading zeros (but keep the last digit)
+        p = 10 ** np.arange(width - 1, 0, -1, dtype=np.int64)  # place value of columns 0..width-2
+        out[:, :width - 1][x[:, None] < p[None, :]] = 0
+    return out
+
+
+def _int_col(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.int64)
+    width = max(1, len(str(int(x.max())))) if len(x) else 1
+    return _digits(x, width)
+
+
+def _fixed_col(q: np.ndarray, decimals: int) -> np.ndarray:
+    """Columns for the value q / 10**decimals (q int64, any sign) as `-123.456789`."""
+    q = np.asarray(q, dtype=np.int64)
+    a = np.abs(q)
+    ip, fp = a // 10 ** decimals, a % 10 ** decimals
+    sign = np.where(q < 0, ord("-"), 0).astype(np.uint8)[:, None]
+    dot = np.full((len(q), 1), ord("."), dtype=np.uint8)
+    frac = _digits(fp + 10 ** decimals, decimals + 1)[:, 1:]  # keep leading zeros of the fraction
+    return np.hstack([sign, _int_col(ip), dot, frac])
+
+
+def _lines(cols: list[np.ndarray], sep: bytes = b"\t") -> bytes:
+    """Join per-row column blocks with `sep`, end each row with a newline, drop the 0 padding bytes."""
+    n = len(cols[0])
+    s = np.full((n, 1), sep[0], dtype=np.uint8)
+    nl = np.full((n, 1), 10, dtype=np.uint8)
+    parts = []
+    for i, c in enumerate(cols):
+        parts += [c, s] if i < len(cols) - 1 else [c, nl]
+    m = np.hstack(parts)
+    return m[m != 0].tobytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Collection
+# --------------------------------------------------------------------------------------------
+_MOJIBAKE = ["don’t", "it’s", "“quoted”", "1990–2000", "—", "etc…", "‘single’", "•", "can’t", "−5"]
+_GENUINE = ["café", "naïve", "résumé", "€20", "São", "Zürich"]
+
+
+def _vocabulary(seed: int, size: int = 50_000):
+    """(concatenated word bytes each followed by a space, start offsets, lengths incl. the space, cdf)."""
+    rng = _rng(seed, _S_VOCAB)
+    lens = np.clip(rng.poisson(3.7, size) + 1, 1, 18)  # mean ~4.7 letters, as English text
+    letters = rng.integers(97, 123, int(lens.sum()), dtype=np.uint8)
+    words = []
+    pos = 0
+    for n in lens.tolist():
+        words.append(letters[pos:pos + n].tobytes())
+        pos += n
+    freq = 1.0 / (np.arange(size) + 2.7)
+    freq /= freq.sum()
+    # special words: double-encoded UTF-8 (as in the real collection.tsv) and genuine UTF-8 (does not round-trip)
+    mojibake = [w.encode("utf-8").decode("latin-1").encode("utf-8") for w in _MOJIBAKE]
+    genuine = [w.encode("utf-8") for w in _GENUINE]
+    words += mojibake + genuine
+    freq = np.concatenate([freq * (1 - 0.0020 - 0.0002), np.full(len(mojibake), 0.0020 / len(mojibake)),
+                           np.full(len(genuine), 0.0002 / len(genuine))])
+    blob = b"".join(w + b" " for w in words)
+    wl = np.array([len(w) + 1 for w in words], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(wl)[:-1]])
+    cdf = np.cumsum(freq)
+    cdf /= cdf[-1]
+    return np.frombuffer(blob, dtype=np.uint8), starts, wl, cdf
+
+
+def iter_collection_chunks(n_passages: int, seed: int = 0, chunk: int = 20_000) -> Iterator[bytes]:
+    """collection.tsv content, `pid \\t passage \\n` for pids 0..n-1, in chunks of `chunk` lines."""
+    blob, starts, wl, cdf = _vocabulary(seed)
+    mean_wbytes = float((np.diff(np.concatenate([[0.0], cdf])) * wl).sum())
+    # words per passage: log-normal (sample: median 54, sigma 0.40), scaled to a ~330-byte mean, <= ~1,700 bytes
+    mu = np.log(330 / mean_wbytes) - 0.42 ** 2 / 2
+    max_words = int(1690 / mean_wbytes)
+    for c, lo in enumerate(range(0, n_passages, chunk)):
+        rng = _rng(seed, _S_COLL, c)
+        n = min(chunk, n_passages - lo)
+        nw = np.clip(np.rint(rng.lognormal(mu, 0.42, n)), 3, max_words).astype(np.int64)
+        w = np.searchsorted(cdf, rng.random(int(nw.sum())), side="right")
+        w = np.minimum(w, len(cdf) - 1)
+        l = wl[w]
+        # passage body: the words' bytes (each followed by a space) gathered in one ragged copy
+        wstart = np.concatenate([[0], np.cumsum(l)[:-1]])
+        body = blob[np.repeat(starts[w] - wstart, l) + np.arange(int(l.sum()))]
+        word_end = np.cumsum(l)
+        pend = word_end[np.cumsum(nw) - 1]  # end (after the space) of each passage's last word
+        blen = np.diff(np.concatenate([[0], pend]))  # body bytes incl. the trailing space
+        body[pend - 1] = 10  # the trailing space of each passage becomes the newline
+        head = _lines([_int_col(np.arange(lo, lo + n))], sep=b"\t")  # "pid\n" per line
+        head = np.frombuffer(head, dtype=np.uint8).copy()
+        hlen = np.diff(np.concatenate([[0], np.flatnonzero(head == 10) + 1]))
+        head[head == 10] = 9  # "pid\t"
+        # interleave head_i + body_i
+        llen = hlen + blen
+        lstart = np.concatenate([[0], np.cumsum(llen)[:-1]])
+        out = np.empty(int(llen.sum()), dtype=np.uint8)
+        hstart = np.concatenate([[0], np.cumsum(hlen)[:-1]])
+        out[np.repeat(lstart - hstart, hlen) + np.arange(len(head))] = head
+        bstart = np.concatenate([[0], np.cumsum(blen)[:-1]])
+        out[np.repeat(lstart + hlen - bstart, blen) + np.arange(len(body))] = body
+        yield out.tobytes()
+
+
+def write_collection(path: Path, n_passages: int, seed: int = 0, level: int = 1) -> dict:
+    """collection.tar.gz with member collection.tsv (written to a temporary file first: tar needs the size)."""
+    path = Path(path)
+    tmp = path.with_name("collection.tsv.tmp")
+    size = 0
+    with open(tmp, "wb") as f:
+        for b in iter_collection_chunks(n_passages, seed):
+            f.write(b)
+            size += len(b)
+    try:
+        part = path.with_name(path.name + ".part")
+        with tarfile.open(part, "w:gz", compresslevel=level) as tar, open(tmp, "rb") as f:
+            info = tarfile.TarInfo("collection.tsv")
+            info.size, info.mtime, info.mode = size, int(time.time()), 0o644
+            tar.addfile(info, f)
+        os.replace(part, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"rows": n_passages, "text_bytes": size}
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-encoder scores: chunks of queries, and a streaming pickle writer
+# --------------------------------------------------------------------------------------------
+def iter_score_chunks(qids: np.ndarray, n_passages: int, mean_per_query: float = 320, seed: int = 0,
+                      chunk_queries: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(qids, ptr, pids, scores) per chunk of queries: query j of the chunk has pids[ptr[j]:ptr[j+1]] (distinct,
+    in random order) with float32-exact scores (float64 values, as a pickled Python float from a float32 logit).
+
+    Per-query counts: gamma-distributed around `mean_per_query` (1..~4.7x the mean, so a few exceed the
+    pickler's 1,000-item batches), a few queries with exactly one entry."""
+    qids = np.asarray(qids, dtype=np.int64)
+    for c, lo in enumerate(range(0, len(qids), chunk_queries)):
+        rng = _rng(seed, _S_CE, c)
+        q = qids[lo:lo + chunk_queries]
+        nq = len(q)
+        cnt = np.clip(np.rint(rng.gamma(4.0, mean_per_query / 4.0, nq)), 1, max(1, int(4.7 * mean_per_query)))
+        cnt[rng.random(nq) < 0.002] = 1
+        cnt = np.minimum(cnt.astype(np.int64), n_passages)
+        owner = np.repeat(np.arange(nq, dtype=np.int64), cnt)
+        key = np.unique(owner * n_passages + rng.integers(0, n_passages, len(owner)))  # distinct per query
+        owner, pid = key // n_passages, key % n_passages
+        order = np.lexsort((rng.random(len(key)), owner))  # random order within each query
+        pid = pid[order]
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=nq))])
+        scores = rng.normal(-2.0, 4.5, len(pid)).astype(np.float32).astype(np.float64)
+        yield q, ptr, pid, scores
+
+
+def _int_op(x: int) -> bytes:
+    """The C pickler's encoding of an int (protocol >= 1)."""
+    if 0 <= x <= 0xFF:
+        return b"K" + bytes([x])
+    if 0 <= x <= 0xFFFF:
+        return b"M" + x.to_bytes(2, "little")
+    if -0x80000000 <= x <= 0x7FFFFFFF:
+        return b"J" + x.to_bytes(4, "little", signed=True)
+    n = (x.bit_length() + 8) // 8  # LONG1 (not used by the synthetic ids, here for completeness)
+    return b"\x8a" + bytes([n]) + x.to_bytes(n, "little", signed=True)
+
+
+def _entry_bytes(pids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pickled `key value` pairs of one chunk as one uint8 array, and each entry's byte offset (n+1)."""
+    pids = np.asarray(pids, dtype=np.int64)
+    n = len(pids)
+    if n and (pids.min() < 0 or pids.max() > 0x7FFFFFFF):
+        raise ValueError("pids must be in 0..2**31-1")
+    rec = np.empty((n, 14), dtype=np.uint8)
+    rec[:, 0] = np.where(pids <= 0xFF, ord("K"), np.where(pids <= 0xFFFF, ord("M"), ord("J")))
+    rec[:, 1:5] = pids.astype("<i4").view(np.uint8).reshape(n, 4)
+    rec[:, 5] = ord("G")
+    rec[:, 6:14] = np.asarray(scores, dtype=">f8").view(np.uint8).reshape(n, 8)
+    mask = np.ones((n, 14), dtype=bool)
+    mask[:, 2] = pids > 0xFF
+    mask[:, 3:5] = (pids > 0xFFFF)[:, None]
+    lens = 11 + (pids > 0xFF) + 2 * (pids > 0xFFFF)
+    return rec[mask], np.concatenate([[0], np.cumsum(lens)])
+
+
+def _dict_body(flat: memoryview, off: np.ndarray, a: int, b: int, batch: int = 1000) -> list:
+    """Items a..b of a dict after its `} MEMOIZE`, batched as the C pickler does (batch_dict_exact):
+    one item -> `k v SETITEM`; otherwise `MARK <= batch items SETITEMS` repeated while a batch is full
+    (so a multiple of `batch` ends with an empty `MARK SETITEMS`); nothing for an empty dict."""
+    c = b - a
+    if c == 0:
+        return []
+    if c == 1:
+        return [flat[off[a]:off[b]], b"s"]
+    out = []
+    s = a
+    while True:
+        e = min(s + batch, b)
+        out += [b"(", flat[off[s]:off[e]], b"u"]
+        if e - s < batch:
+            return out
+        s = e
+
+
+class ScorePickleWriter:
+    """Writes {qid: {pid: score}} as a protocol-4 pickle, one query at a time, without building the dict.
+
+    The opcodes are those of the C pickler's pickle.dumps(d, protocol=4) for a dict of dicts of int -> float
+    (in insertion order); FRAME opcodes (framing=True) are placed at query boundaries once a frame holds
+    >= 64 KiB, where the C pickler places them at its own opcode boundaries."""
+
+    FRAME_TARGET = 64 * 1024
+
+    def __init__(self, f, framing: bool = True, batch: int = 1000):
+        self.f, self.framing, self.batch = f, framing, batch
+        self.n = 0  # queries so far
+        self.in_batch = 0
+        self.pending: list | None = None  # the first item, held back: a 1-item dict uses SETITEM
+        self.frame: list = []
+        self.frame_len = 0
+        self.f.write(b"\x80\x04")  # PROTO 4, outside any frame
+        self._put([b"}\x94"])  # the outer dict, memo 0
+
+    def _put(self, pieces: list) -> None:
+        """Append complete opcodes; a full frame is committed first (without framing: just flushed)."""
+        if self.frame_len >= self.FRAME_TARGET:
+            self._commit()
+        for p in pieces:
+            self.frame.append(p)
+            self.frame_len += len(p)
+
+    def _commit(self) -> None:
+        if not self.frame:
+            return
+        if self.framing and self.frame_len >= 4:
+            self.f.write(b"\x95" + self.frame_len.to_bytes(8, "little"))
+        self.f.write(b"".join(self.frame))
+        self.frame, self.frame_len = [], 0
+
+    def _item(self, pieces: list) -> None:
+        if self.n == 0:
+            self.pending = pieces
+        elif self.n == 1:
+            self._put([b"("] + self.pending + pieces)
+            self.pending = None
+            self.in_batch = 2
+        else:
+            if self.in_batch == self.batch:
+                self._put([b"u("])
+                self.in_batch = 0
+            self._put(pieces)
+            self.in_batch += 1
+        self.n += 1
+
+    def add_chunk(self, qids, ptr, pids, scores) -> None:
+        """Queries qids[j] -> {pids[ptr[j]:ptr[j+1]]: scores[...]}, in order."""
+        flat, off = _entry_bytes(pids, scores)
+        flat = memoryview(flat)
+        off = off.tolist()
+        ptr = np.asarray(ptr).tolist()
+        for j, q in enumerate(np.asarray(qids).tolist()):
+            self._item([_int_op(q), b"}\x94"] + _dict_body(flat, off, ptr[j], ptr[j + 1], self.batch))
+
+    def close(self) -> None:
+        if self.n == 1:
+            self._put(self.pending + [b"s"])
+        elif self.n > 1:
+            self._put([b"u"] + ([b"(u"] if self.in_batch == self.batch else []))
+        self._put([b"."])
+        self._commit()
+
+
+def score_pickle_bytes(chunks: Iterable, framing: bool = True) -> bytes:
+    """The whole pickle in memory (for small checks)."""
+    buf = io.BytesIO()
+    w = ScorePickleWriter(buf, framing=framing)
+    for ch in chunks:
+        w.add_chunk(*ch)
+    w.close()
+    return buf.getvalue()
+
+
+def chunks_to_dict(chunks: Iterable) -> dict:
+    """The dict the chunks mean (small sizes only)."""
+    d = {}
+    for q, ptr, pids, scores in chunks:
+        for j, qid in enumerate(np.asarray(q).tolist()):
+            d[qid] = dict(zip(pids[ptr[j]:ptr[j + 1]].tolist(), scores[ptr[j]:ptr[j + 1]].tolist()))
+    return d
+
+
+def write_score_pickle(path: Path, chunks: Iterable, level: int = 1, framing: bool = True) -> dict:
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    n = nq = 0
+    with gzip.open(part, "wb", compresslevel=level) as f:
+        w = ScorePickleWriter(f, framing=framing)
+        for ch in chunks:
+            w.add_chunk(*ch)
+            n += len(ch[2])
+            nq += len(ch[0])
+        w.close()
+    os.replace(part, path)
+    return {"rows": n, "queries": nq}
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher scores, triples, hard negatives
+# --------------------------------------------------------------------------------------------
+def iter_teacher_chunks(n_lines: int, n_passages: int, seed: int = 0, chunk: int = 500_000,
+                        qid_range: int = QID_RANGE) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, int64 (n, 5) array): pos_score*1e6, neg_score*1e6 (as written: 6 decimals), qid, pid_pos, pid_neg.
+    The intended float of a score column is value / 1e6."""
+    for c, lo in enumerate(range(0, n_lines, chunk)):
+        rng = _rng(seed, _S_TEACHER, c)
+        n = min(chunk, n_lines - lo)
+        a = np.empty((n, 5), dtype=np.int64)
+        a[:, 0] = np.rint(rng.normal(6.0, 3.0, n) * 1e6)
+        a[:, 1] = np.rint(rng.normal(-4.0, 4.0, n) * 1e6)
+        a[:, 2] = rng.integers(0, qid_range, n)
+        a[:, 3] = rng.integers(0, n_passages, n)
+        a[:, 4] = rng.integers(0, n_passages, n)
+        yield lo, a
+
+
+def write_teacher(path: Path, n_lines: int, n_passages: int, seed: int = 0) -> dict:
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        for _, a in iter_teacher_chunks(n_lines, n_passages, seed):
+            f.write(_lines([_fixed_col(a[:, 0], 6), _fixed_col(a[:, 1], 6), _int_col(a[:, 2]), _int_col(a[:, 3]),
+                            _int_col(a[:, 4])]))
+    os.replace(part, path)
+    return {"rows": n_lines}
+
+
+def write_triples(path: Path, n_lines: int, n_passages: int, seed: int = 0, level: int = 1,
+                  chunk: int = 500_000) -> dict:
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    with gzip.open(part, "wb", compresslevel=level) as f:
+        for c, lo in enumerate(range(0, n_lines, chunk)):
+            rng = _rng(seed, _S_TRIPLES, c)
+            n = min(chunk, n_lines - lo)
+            f.write(_lines([_int_col(rng.integers(0, QID_RANGE, n)), _int_col(rng.integers(0, n_passages, n)),
+                            _int_col(rng.integers(0, n_passages, n))]))
+    os.replace(part, path)
+    return {"rows": n_lines}
+
+
+def write_hard_negatives(path: Path, qids: np.ndarray, n_passages: int, seed: int = 0, level: int = 1,
+                         chunk: int = 5_000) -> dict:
+    """One line per query: 1-3 positives; per system (all 13, in the same key order) 20..50 negatives."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    n_neg = 0
+    with gzip.open(part, "wb", compresslevel=level) as f:
+        for c, lo in enumerate(range(0, len(qids), chunk)):
+            rng = _rng(seed, _S_HN, c)
+            q = qids[lo:lo + chunk].tolist()
+            npos = rng.choice([1, 1, 1, 1, 2, 3], len(q)).tolist()
+            nneg = np.where(rng.random((len(q), len(SYSTEMS))) < 0.8, 50,
+                            rng.integers(20, 50, (len(q), len(SYSTEMS))))
+            pool = rng.integers(0, n_passages, int(sum(npos) + nneg.sum())).tolist()
+            k = 0
+            out = []
+            for i, qid in enumerate(q):
+                pos = pool[k:k + npos[i]]
+                k += npos[i]
+                neg = {}
+                for s, name in enumerate(SYSTEMS):
+                    m = int(nneg[i, s])
+                    neg[name] = pool[k:k + m]
+                    k += m
+                out.append(json.dumps({"qid": qid, "pos": pos, "neg": neg}))
+            n_neg += int(nneg.sum())
+            f.write(("\n".join(out) + "\n").encode())
+    os.replace(part, path)
+    return {"rows": len(qids), "negatives": n_neg}
+
+
+# --------------------------------------------------------------------------------------------
+def generate(folder: str | Path, factor: float, seed: int = 0, only: Iterable[str] | None = None,
+             verbose: bool = True) -> dict:
+    """Write the synthetic sources for `factor` into `folder`; returns {stage: {rows, seconds, bytes}}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    z = sizes(factor)
+    qids = query_ids(z["queries"], seed)
+    jobs = {
+        "collection": lambda p: write_collection(p, z["passages"], seed),
+        "ce_scores": lambda p: write_score_pickle(p, iter_score_chunks(qids, z["passages"], REAL["scores_per_query"], seed)),
+        "teacher": lambda p: write_teacher(p, z["teacher_lines"], z["passages"], seed),
+        "hard_negatives": lambda p: write_hard_negatives(p, qids, z["passages"], seed),
+        "triples": lambda p: write_triples(p, z["triples_lines"], z["passages"], seed),
+    }
+    report = {}
+    for name, job in jobs.items():
+        if only is not None and name not in only:
+            continue
+        t = time.time()
+        info = job(folder / FILES[name])
+        info["seconds"] = round(time.time() - t, 2)
+        info["bytes"] = (folder / FILES[name]).stat().st_size
+        report[name] = info
+        if verbose:
+            print(f"  {FILES[name]}: {info['rows']:,} rows, {info['bytes'] / 2**20:,.1f} MiB, {info['seconds']} s",
+                  file=sys.stderr, flush=True)
+    return report
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--factor", type=float, default=0.01, help="1.0 = real sizes (triples: 20M lines)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(FILES))
+    a = ap.parse_args(argv)
+    only = None if a.only is None else [s.strip() for s in a.only.split(",") if s.strip()]
+    if only and (bad := set(only) - set(FILES)):
+        ap.error(f"unknown --only {sorted(bad)}; choose from {list(FILES)}")
+    print(f"factor {a.factor}: {sizes(a.factor)}", file=sys.stderr)
+    generate(a.out, a.factor, a.seed, only)
+
+
+if __name__ == "__main__":
+    main()
