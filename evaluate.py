@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import heapq
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
+
+import msmarco_data
+from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
@@ -204,21 +208,113 @@ def write_trec_run(run: Run, path, tag: str, k: int | None = None) -> None:
 
 
 def read_qrels(path) -> Qrels:
-    """Read ``qid 0 pid grade`` lines, tab- or space-separated (TREC and MS MARCO formats).
+    """Read ``qid 0 pid grade`` lines, tab- or space-separated (TREC and MS MARCO formats), as string ids."""
+    return str_qrels(msmarco_data.read_qrels(Path(path)))
 
-    A (qid, pid) pair listed twice raises ``ValueError``.
-    """
-    qrels: Qrels = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 4:
-                raise ValueError(f"{path}:{lineno}: expected 4 fields, got {len(fields)}: {line!r}")
-            qid, _, pid, grade = fields
-            docs = qrels.setdefault(qid, {})
-            if pid in docs:
-                raise ValueError(f"{path}:{lineno}: duplicate judgment of {pid} for query {qid}")
-            docs[pid] = int(grade)
-    return qrels
+
+def str_qrels(qrels: dict[int, dict[int, int]]) -> Qrels:
+    """The data layer's int-keyed judgments in the metrics' string-keyed form (trec_eval breaks ties on docno strings)."""
+    return {str(q): {str(p): int(g) for p, g in docs.items()} for q, docs in qrels.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Reranking and retrieval evaluation of models, shared by the training scripts and the CLI below.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RerankSet:
+    """Held-out queries with their candidate passages, ready to score."""
+    name: str  # e.g. "dev" or "dl2020"
+    qids: list[int]
+    queries: list[str]
+    candidates: list[np.ndarray]  # pids per query, in the candidate file's (BM25) order
+    passages: list[list[str]]
+    qrels: Qrels  # string ids, for the metrics
+    min_grade: int  # 1 for MS MARCO dev, 2 for TREC DL MRR/recall
+
+
+def load_rerank_set(data: "msmarco_data.MSMarco", split: str = "dev", max_queries: int | None = None,
+                    max_candidates: int | None = None, include_positives: bool = True, seed: int = 0) -> RerankSet:
+    """Dev (dev-small qrels + top1000.dev) or TREC DL ("dl2019", "dl2020") queries with their candidates.
+
+    `max_queries` takes a seeded random subset (sorted by qid for a stable order); with `include_positives`
+    judged positives missing from a query's candidates are appended after them, so a reranker can be scored
+    on them (the candidate order itself still ranks them last)."""
+    if split == "dev":
+        queries, qrels_int, cands = data.queries("dev"), data.qrels("dev"), data.dev_candidates()
+        min_grade = 1
+    elif split.startswith("dl"):
+        queries, qrels_int, cands = data.trec_dl(int(split[2:]))
+        min_grade = 2
+    else:
+        raise ValueError(f"unknown evaluation split {split!r}: use dev, dl2019 or dl2020")
+    qids = sorted(q for q in qrels_int if q in cands and any(g >= min_grade for g in qrels_int[q].values()))
+    if max_queries is not None and max_queries < len(qids):
+        rng = np.random.default_rng(seed)
+        qids = sorted(rng.choice(qids, size=max_queries, replace=False).tolist())
+    collection = data.collection()
+    texts, cand_list, passages = [], [], []
+    for q in qids:
+        pids = cands[q][:max_candidates] if max_candidates else cands[q]
+        if include_positives:
+            missing = [p for p, g in sorted(qrels_int[q].items()) if g >= min_grade and p not in set(pids.tolist())]
+            missing = [p for p in missing if p in collection]
+            pids = np.concatenate([pids, np.asarray(missing, dtype=pids.dtype)])
+        cand_list.append(pids)
+        passages.append(collection.get_many(pids))
+        texts.append(queries[q])
+    return RerankSet(split, qids, texts, cand_list, passages, str_qrels({q: qrels_int[q] for q in qids}), min_grade)
+
+
+def candidate_order_run(rs: RerankSet) -> Run:
+    """The candidates' own order (BM25 for top1000 files) as a run: score = -rank."""
+    return {str(q): {str(p): -float(i) for i, p in enumerate(pids)} for q, pids in zip(rs.qids, rs.candidates)}
+
+
+def cross_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
+    """Score every (query, candidate) pair with a CrossEncoder, as raw model outputs."""
+    pairs = [(q, p) for q, ps in zip(rs.queries, rs.passages) for p in ps]
+    scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
+    return _split_scores(rs, np.asarray(scores, dtype=np.float64).reshape(len(pairs), -1)[:, 0])
+
+
+def bi_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
+    """Rerank the candidates by the bi-encoder's similarity (its own similarity function: cosine or dot)."""
+    q_emb = model.encode_query(rs.queries, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    flat = [p for ps in rs.passages for p in ps]
+    p_emb = model.encode_document(flat, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    owner = np.repeat(np.arange(len(rs.qids)), [len(c) for c in rs.candidates])
+    sims = model.similarity_pairwise(q_emb[owner], p_emb).float().cpu().numpy()
+    return _split_scores(rs, sims.astype(np.float64))
+
+
+def _split_scores(rs: RerankSet, scores: np.ndarray) -> Run:
+    run, i = {}, 0
+    for q, pids in zip(rs.qids, rs.candidates):
+        run[str(q)] = {str(p): float(s) for p, s in zip(pids, scores[i:i + len(pids)])}
+        i += len(pids)
+    return run
+
+
+def rerank_metrics(run: Run, rs: RerankSet) -> dict[str, float]:
+    m = evaluate_run(run, rs.qrels, min_grade=rs.min_grade, recall_ks=())
+    return {"MRR@10": m["MRR@10"], "nDCG@10": m["nDCG@10"]}
+
+
+class RerankEvaluator(BaseEvaluator):
+    """A sentence-transformers evaluator over a RerankSet, computed with this module's metrics;
+    its primary metric (MRR@10) picks the best checkpoint."""
+
+    def __init__(self, rs: RerankSet, scorer: Callable, batch_size: int = 64, name: str | None = None):
+        super().__init__()
+        self.rs, self.scorer, self.batch_size = rs, scorer, batch_size
+        self.name = name or rs.name
+        self.primary_metric = "MRR@10"
+
+    def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        metrics = rerank_metrics(self.scorer(model, self.rs, self.batch_size), self.rs)
+        model.train(was_training)
+        metrics = self.prefix_name_to_metrics(metrics, self.name)
+        self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
+        return metrics
