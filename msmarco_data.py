@@ -301,11 +301,13 @@ def fix_mojibake(text: str) -> str:
 def _open_binary(path: Path, member: str | None = None) -> tuple[typing.BinaryIO, list]:
     """A binary stream of `path` (decompressed), or of one member of a .tar.gz; also what to close."""
     if member is not None:
-        tar = tarfile.open(path, "r:gz")
+        tar = None
         try:
+            tar = tarfile.open(path, "r:gz")
             info = next((m for m in tar if Path(m.name).name == member), None)
-        except (EOFError, tarfile.ReadError, OSError, zlib_error()) as e:
-            tar.close()
+        except (EOFError, tarfile.TarError, OSError, zlib_error()) as e:
+            if tar is not None:
+                tar.close()
             raise DataError(f"{path}: cannot read the archive ({e}); it is truncated or corrupt: "
                             f"delete it and download it again") from e
         if info is None:
@@ -332,7 +334,7 @@ def iter_lines(path: Path, member: str | None = None) -> Iterator[tuple[int, byt
     try:
         for lineno, line in enumerate(stream, 1):
             yield lineno, line.rstrip(b"\r\n")
-    except (EOFError, OSError, zlib_error()) as e:
+    except (EOFError, OSError, tarfile.TarError, zlib_error()) as e:
         raise DataError(f"{where}: the compressed stream breaks off after line {lineno} ({e}); "
                         f"the file is truncated or corrupt: delete it and download it again") from e
     finally:
@@ -393,21 +395,23 @@ def iter_int_rows(path: Path, ncols: int, what: str, chunk_bytes: int = 8 << 20,
         while True:
             try:
                 lines = stream.readlines(chunk_bytes)
-            except (EOFError, OSError, zlib_error()) as e:
+            except (EOFError, OSError, tarfile.TarError, zlib_error()) as e:
                 raise DataError(f"{path}: the compressed stream breaks off after line {first - 1} ({e}); "
                                 "the file is truncated or corrupt: delete it and download it again") from e
             if not lines:
                 return
             n = len(lines)
+            buf = b"".join(lines)
             try:
-                arr = np.fromstring(b"".join(lines), dtype=np.float64, sep=" ")
-                ok = arr.size == ncols * n
+                ok = bool((_fields_per_line(buf, n) == ncols).all())
                 if ok:
-                    arr = arr.reshape(n, ncols)
+                    arr = np.fromstring(buf, dtype=np.float64, sep=" ").reshape(n, ncols)
                     ints = arr[:, int_cols]
-                    ok = bool(np.isfinite(arr).all() and (ints % 1 == 0).all() and (ints >= 0).all())
+                    ok = bool(np.isfinite(arr).all() and (ints % 1 == 0).all() and (ints >= 0).all()
+                              and (ints <= np.iinfo(np.int32).max).all())  # ids are stored as int32
             except ValueError:
                 ok = False
+            del buf
             if not ok:
                 _raise_first_bad_line(path, lines, first, ncols, int_cols, what)
             del lines
@@ -418,6 +422,18 @@ def iter_int_rows(path: Path, ncols: int, what: str, chunk_bytes: int = 8 << 20,
             c.close()
 
 
+def _fields_per_line(buf: bytes, n: int) -> np.ndarray:
+    """Number of whitespace-separated fields on each of the n lines of buf, vectorised (a short line next to a
+    long one must not pass as two good ones)."""
+    b = np.frombuffer(buf, np.uint8)
+    ws = (b == 32) | (b == 9) | (b == 10) | (b == 13)
+    starts = ~ws
+    starts[1:] &= ws[:-1]
+    newline = b == 10
+    line_of = np.cumsum(newline) - newline
+    return np.bincount(line_of[starts], minlength=n)[:n]
+
+
 def _raise_first_bad_line(path: Path, lines: list[bytes], first: int, ncols: int, int_cols: list[bool],
                           what: str) -> None:
     for i, line in enumerate(lines):
@@ -426,8 +442,9 @@ def _raise_first_bad_line(path: Path, lines: list[bytes], first: int, ncols: int
         if ok:
             try:
                 vals = [float(p) for p in parts]
-                ok = all(np.isfinite(vals)) and all(not is_int or parts[j].isdigit()
-                                                    for j, (is_int, v) in enumerate(zip(int_cols, vals)))
+                ok = all(np.isfinite(vals)) and all(
+                    not is_int or (parts[j].isdigit() and v <= np.iinfo(np.int32).max)
+                    for j, (is_int, v) in enumerate(zip(int_cols, vals)))
             except ValueError:
                 ok = False
         if not ok:
@@ -1063,7 +1080,8 @@ class MSMarco:
     """The MS MARCO passage data of one folder (data/ for the full downloads, data/sample/ for the miniature).
 
     Each accessor fetches its source if missing, converts it once into a memory-mapped store under
-    <folder>/.prepared/, and opens that store. Ids are ints throughout."""
+    <folder>/.prepared/, and opens that store. Stores whose ids are checked against the collection are
+    rebuilt when the collection changes too. Ids are ints throughout."""
 
     def __init__(self, data_dir: str | Path = DATA_DIR):
         self.dir = resolve_dir(data_dir)
@@ -1118,7 +1136,7 @@ class MSMarco:
                     raise DataError(f"{src}: candidates of qid {q}: {e}") from None
             Grouped.write(d, "cand", groups)
             return {"queries": len(groups), "pairs": sum(map(len, groups.values()))}
-        return Grouped(prepared(self.dir, key, [src], build), "cand")
+        return Grouped(prepared(self.dir, key, [src, self.path("collection.tar.gz")], build), "cand")
 
     def dev_candidates(self) -> Grouped:
         """qid -> BM25 candidate pids of top1000.dev, in file order."""
@@ -1140,14 +1158,14 @@ class MSMarco:
     def hard_negatives(self) -> HardNegatives:
         def make():
             src = self.path("msmarco-hard-negatives.jsonl.gz")
-            return HardNegatives(prepared(self.dir, "hard-negatives", [src],
+            return HardNegatives(prepared(self.dir, "hard-negatives", [src, self.path("collection.tar.gz")],
                                           lambda d: HardNegatives.build(d, src, self.collection())))
         return self._once("hn", make)
 
     def ce_scores(self) -> ScoreStore:
         def make():
             src = self.path("cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz")
-            return ScoreStore(prepared(self.dir, "ce-scores", [src],
+            return ScoreStore(prepared(self.dir, "ce-scores", [src, self.path("collection.tar.gz")],
                                        lambda d: ScoreStore.build(d, src, self.collection())))
         return self._once("ce", make)
 
@@ -1156,7 +1174,7 @@ class MSMarco:
         def make():
             src = self.path("qidpidtriples.train.full.2.tsv.gz")
             key = "triples" + ("" if max_rows is None else f".first{max_rows}")
-            folder = prepared(self.dir, key, [src], lambda d: build_triples(d, src, self.collection(), max_rows))
+            folder = prepared(self.dir, key, [src, self.path("collection.tar.gz")], lambda d: build_triples(d, src, self.collection(), max_rows))
             return load_array(folder, "triples.bin", np.int32).reshape(-1, 3)
         return self._once(("triples", max_rows), make)
 
@@ -1164,7 +1182,7 @@ class MSMarco:
         """Structured array (pos_score, neg_score, qid, pid_pos, pid_neg), one record per line, in file order."""
         def make():
             src = self.path("bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv")
-            folder = prepared(self.dir, "teacher", [src], lambda d: build_teacher(d, src, self.collection()))
+            folder = prepared(self.dir, "teacher", [src, self.path("collection.tar.gz")], lambda d: build_teacher(d, src, self.collection()))
             return load_array(folder, "teacher.bin", np.uint8).view(TEACHER_DTYPE)
         return self._once("teacher", make)
 
@@ -1373,9 +1391,15 @@ def baseline_metrics(out: Path, compute: Callable[[], dict]) -> dict:
     return res
 
 
+def teacher_description(data_dir: Path) -> str:
+    """What the teacher scores of a data folder are: the bundled sample's are not the BERT-CAT ensemble's."""
+    if Path(data_dir).resolve() == SAMPLE_DIR.resolve():
+        return "all-MiniLM-L6-v2 cosine x 20 (the bundled sample's stand-in, see data/sample/README.md)"
+    return "BERT-CAT ensemble of Hofstaetter et al. (arXiv 2010.02666)"
+
+
 def print_table(results: dict, title: str) -> None:
-    rows = {k: v for k, v in results.items() if isinstance(v, dict) and v and
-            all(isinstance(x, (int, float)) for x in v.values())}
+    rows = {k: v for k, v in results.items() if isinstance(v, dict) and "MRR@10" in v}
     cols = sorted({c for v in rows.values() for c in v}, key=lambda c: (c != "MRR@10", c))
     print(f"\n{title}\n{'':12}" + "".join(f"{c:>12}" for c in cols))
     for name, v in rows.items():

@@ -497,9 +497,6 @@ def test_teacher_malformed_line(copy, kind):
     assert (copy / md.PREPARED / "teacher" / "meta.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="iter_int_rows only checks the total number of fields per ~8 MB chunk: "
-                                       "a line short of one field followed by a line with one extra field "
-                                       "reshapes into valid-looking rows and is accepted silently")
 def test_teacher_compensating_malformed_lines(copy):
     src = copy / TEACHER
 
@@ -513,10 +510,6 @@ def test_teacher_compensating_malformed_lines(copy):
         MSMarco(copy).teacher_scores()
 
 
-@pytest.mark.xfail(strict=True, reason="iter_int_rows accepts any whole non-negative number in an integer "
-                                       "column and build_teacher/build_triples cast it to int32 unchecked: a qid "
-                                       "of 3,000,000,000 silently becomes -2147483648 (pids are caught only by "
-                                       "the collection check)")
 @pytest.mark.parametrize("name", [TEACHER, TRIPLES])
 def test_qid_out_of_int32_range(copy, name):
     col = 2 if name == TEACHER else 0
@@ -644,12 +637,6 @@ def test_truncated_gzip(copy, name, store, open_):
     assert len(MSMarco(copy).collection()) == 28_262
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="_open_binary calls tarfile.open() outside its try block, and iter_lines does not "
-                          "catch tarfile.TarError: a .tar.gz that is not gzip at all (an HTML error page saved "
-                          "as the file), one cut inside its first header (EOFError), or a whole gzip of a cut "
-                          "tar (ReadError 'unexpected end of data') escape as bare tarfile/EOF errors instead "
-                          "of a DataError naming the file")
 @pytest.mark.parametrize("content", ["html", "first 100 bytes", "valid gzip of a cut tar"])
 def test_collection_not_a_tar(copy, content):
     src = copy / COLLECTION
