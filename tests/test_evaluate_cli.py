@@ -1,0 +1,201 @@
+"""evaluate.py as a command: saved bi-/cross-encoders on the bundled sample, metrics checked against ir-measures,
+the resumable embedding cache, and the README's "use a trained model" snippet.
+
+The models are the offline base model cut to one transformer layer (fast on 2 CPU cores); the collection is
+encoded once per session (the cache is removed at the end)."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import ir_measures
+import numpy as np
+import pytest
+
+import evaluate
+import msmarco_data as md
+
+SAMPLE = md.SAMPLE_DIR
+DEV_MEASURES = {"MRR@10": "RR@10", "R@100": "R@100", "R@1000": "R@1000"}
+DL_MEASURES = {"nDCG@10": "nDCG@10", "MRR@10": "RR(rel=2)@10", "R@100": "R(rel=2)@100", "R@1000": "R(rel=2)@1000"}
+QRELS = {"dev": SAMPLE / "qrels.dev.small.tsv", "dl2020": SAMPLE / "2020qrels-pass.txt"}
+
+
+def _one_layer(encoder_module) -> None:
+    encoder_module.encoder.layer = encoder_module.encoder.layer[:1]
+    encoder_module.config.num_hidden_layers = 1
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+    root = tmp_path_factory.mktemp("models")
+    base = md.offline_base_model()
+    bi = SentenceTransformer(base, device="cpu")
+    _one_layer(bi[0].auto_model)
+    bi.max_seq_length = 32
+    bi.save_pretrained(str(root / "bi" / "model"))
+    ce = CrossEncoder(base, num_labels=1, device="cpu", max_length=64)
+    _one_layer(ce.model.base_model)
+    ce.save_pretrained(str(root / "ce" / "model"))
+    (root / "plain").mkdir()
+    shutil.copy(Path(base) / "config.json", root / "plain" / "config.json")
+    return {"bi": root / "bi" / "model", "ce": root / "ce" / "model", "plain": root / "plain"}
+
+
+def _cfg(model, out, **kw):
+    return evaluate.Config(model=str(model), data_dir=str(SAMPLE), max_queries=10, batch_size=32,
+                           output_dir=str(out), **kw)
+
+
+@pytest.fixture(scope="session")
+def bi_eval(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_bi")
+    root = SAMPLE / md.PREPARED / "embeddings"
+    before = set(root.glob("*"))
+    report = evaluate.main(_cfg(models["bi"], out))
+    yield out, report
+    for c in set(root.glob("*")) - before:  # this session's cache only (a new model folder: a new fingerprint)
+        shutil.rmtree(c, ignore_errors=True)
+
+
+def _check_against_ir_measures(out: Path, report: dict, depth: int) -> None:
+    assert set(report["splits"]) == {"dev", "dl2020"}  # no DL 2019 in the sample: skipped with a note
+    for split, res in report["splits"].items():
+        run_path = out / res["run"]
+        _check_trec_run(run_path, depth)
+        run = {}
+        for r in ir_measures.read_trec_run(str(run_path)):
+            run.setdefault(r.query_id, {})[r.doc_id] = r.score
+        assert len(run) == res["queries"] == 10
+        qrels = [q for q in ir_measures.read_trec_qrels(str(QRELS[split])) if q.query_id in run]
+        names = {k: v for k, v in (DEV_MEASURES if split == "dev" else DL_MEASURES).items() if not k.startswith("R@")}
+        for k in [k for k in (100, 1000) if k <= depth] or [depth]:
+            names[f"R@{k}"] = f"R@{k}" if split == "dev" else f"R(rel=2)@{k}"
+        expect = ir_measures.calc_aggregate([ir_measures.parse_measure(m) for m in names.values()], qrels, run)
+        got = json.loads((out / "metrics.json").read_text())["splits"][split]["model"]
+        assert set(got) == set(names)
+        for ours, theirs in names.items():
+            assert got[ours] == pytest.approx(expect[ir_measures.parse_measure(theirs)], abs=1e-9), (split, ours)
+        assert set(res["candidates"]) == set(names)
+
+
+def _check_trec_run(path: Path, depth: int) -> None:
+    last = {}
+    for line in path.read_text().splitlines():
+        qid, q0, pid, rnk, score, tag = line.split()
+        assert q0 == "Q0" and tag
+        prev_rank, prev_score, seen = last.get(qid, (0, float("inf"), set()))
+        assert int(rnk) == prev_rank + 1 <= depth and float(score) <= prev_score and pid not in seen
+        seen.add(pid)
+        last[qid] = (int(rnk), float(score), seen)
+
+
+def test_bi_encoder_dense_retrieval_matches_ir_measures(bi_eval):
+    out, report = bi_eval
+    assert report["model_type"] == "bi-encoder"
+    assert report["splits"]["dev"]["mode"] == "dense retrieval"
+    _check_against_ir_measures(out, report, depth=1000)
+
+
+def test_rerun_uses_the_embedding_cache(bi_eval, models, tmp_path, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+    out, _ = bi_eval
+
+    def no_encoding(*a, **kw):
+        raise AssertionError("the collection was encoded again")
+    monkeypatch.setattr(SentenceTransformer, "encode_document", no_encoding)
+    evaluate.main(_cfg(models["bi"], tmp_path))
+    for split in ("dev", "dl2020"):
+        assert (tmp_path / f"{split}.run").read_text() == (out / f"{split}.run").read_text()
+
+
+class _Head:
+    """The first rows of the sample collection, as a TextStore-like object."""
+    def __init__(self, store, n):
+        self.store, self.ids = store, np.asarray(store.ids[:n])
+
+    def __len__(self):
+        return len(self.ids)
+
+    def text_at(self, row):
+        return self.store.text_at(row)
+
+
+def test_interrupted_encoding_resumes(models, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    model = SentenceTransformer(str(models["bi"]), device="cpu")
+    coll = _Head(md.MSMarco(SAMPLE).collection(), 300)
+    real, calls, crash = model.encode_document, [], True
+
+    def crash_on_third_chunk(texts, **kw):
+        calls.append(len(texts))
+        if len(calls) == 3 and crash:
+            raise RuntimeError("simulated crash")
+        return real(texts, **kw)
+    model.encode_document = crash_on_third_chunk
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate.encode_collection(model, coll, tmp_path / "cache", batch_size=16, chunk=64, progress=False)
+    assert json.loads((tmp_path / "cache" / "done.json").read_text()) == {"done_rows": 128}
+    calls.clear()
+    crash = False
+    resumed = evaluate.encode_collection(model, coll, tmp_path / "cache", batch_size=16, chunk=64, progress=False)
+    assert calls == [64, 64, 44]  # rows 128-299 only: the chunks not yet done
+    model.encode_document = real
+    fresh = evaluate.encode_collection(model, coll, tmp_path / "fresh", batch_size=16, chunk=64, progress=False)
+    assert resumed.shape == (300, 384) and resumed.dtype == np.float16
+    np.testing.assert_array_equal(resumed, fresh)
+    # the cached search gives the uncached one's ranking
+    q = ["what is a bank", "how long do cats sleep"]
+    a = evaluate.dense_retrieval_run(model, q, [1, 2], coll, k=5, batch_size=16, chunk=64, cache_dir=tmp_path / "cache")
+    b = evaluate.dense_retrieval_run(model, q, [1, 2], coll, k=5, batch_size=16, chunk=64)
+    assert {k: evaluate.rank(v) for k, v in a.items()} == {k: evaluate.rank(v) for k, v in b.items()}
+
+
+def test_cross_encoder_rerank_matches_ir_measures(models, tmp_path):
+    report = evaluate.main(_cfg(models["ce"], tmp_path, depth=20))
+    assert report["model_type"] == "cross-encoder"
+    assert report["splits"]["dl2020"]["mode"] == "rerank BM25 top-1000"
+    _check_against_ir_measures(tmp_path, report, depth=20)
+
+
+def test_cross_encoder_reranks_a_run_folder(models, bi_eval, tmp_path):
+    bi_out, _ = bi_eval
+    report = evaluate.main(_cfg(models["ce"], tmp_path, depth=10, run_file=str(bi_out)))
+    _check_against_ir_measures(tmp_path, report, depth=10)
+    for split in ("dev", "dl2020"):  # reranks exactly the bi-encoder's top 10 of each query
+        top = {}
+        for line in (bi_out / f"{split}.run").read_text().splitlines():
+            qid, _, pid, rnk, _, _ = line.split()
+            if int(rnk) <= 10:
+                top.setdefault(qid, set()).add(pid)
+        mine = {}
+        for line in (tmp_path / f"{split}.run").read_text().splitlines():
+            mine.setdefault(line.split()[0], set()).add(line.split()[2])
+        assert mine == top
+
+
+def test_model_detection_and_errors(models, tmp_path):
+    assert evaluate.model_kind(models["bi"]) == "bi-encoder"
+    assert evaluate.model_kind(models["ce"]) == "cross-encoder"
+    assert evaluate.model_kind(md.offline_base_model()) == "bi-encoder"  # saved by sentence-transformers 2
+    with pytest.raises(SystemExit, match="neither"):
+        evaluate.model_kind(models["plain"])
+    with pytest.raises(SystemExit, match="--model="):
+        evaluate.main(evaluate.Config())
+    with pytest.raises(SystemExit, match="unknown split"):
+        evaluate.main(evaluate.Config(model=str(models["bi"]), splits=("dl2021",)))
+    with pytest.raises(SystemExit, match="run_file"):
+        evaluate.main(_cfg(models["bi"], tmp_path, run_file="x.run"))
+    assert md.parse_cli(evaluate.Config(), ["--model=m", "--splits=dev,dl2020"]).splits == ("dev", "dl2020")
+
+
+def test_readme_snippet_runs(models, capsys):
+    readme = (md.REPO / "README.md").read_text()
+    section = readme.split("## Evaluate a saved model", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code, n = re.subn(r'^bi_encoder_path = ".*"$', f'bi_encoder_path = "{models["bi"]}"', code, flags=re.M)
+    code, m = re.subn(r'^cross_encoder_path = ".*"$', f'cross_encoder_path = "{models["ce"]}"', code, flags=re.M)
+    assert n == m == 1
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
