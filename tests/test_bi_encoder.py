@@ -1,0 +1,129 @@
+"""The bi-encoder recipe's data logic: the cross-encoder margin filter and the per-epoch negative rotation."""
+import numpy as np
+import pytest
+import torch
+
+import msmarco_data as md
+from test_scripts import load, tiny_config
+
+bi = load("train_bi-encoder-v2")
+nan = float("nan")
+
+
+def kept(pos_scores, neg_scores, margin=3.0, per_system=5, systems=(), pos=(1, 2)):
+    negs = {name: np.arange(100 + 10 * i, 100 + 10 * i + len(s)) for i, (name, s) in enumerate(neg_scores.items())}
+    return bi.filter_negatives(np.array(pos), negs, np.array(pos_scores, dtype=np.float32),
+                               {k: np.array(v, dtype=np.float32) for k, v in neg_scores.items()},
+                               margin, per_system, systems)
+
+
+def test_margin_is_measured_from_the_lowest_positive():
+    # positives 9 and 6: threshold 6 - 3 = 3; a negative scored exactly at the threshold is kept
+    assert kept([9.0, 6.0], {"bm25": [3.0, 3.01, 2.0, 8.0]}) == [100, 102]
+
+
+def test_equal_scores_of_positive_and_negative_are_dropped():
+    assert kept([5.0], {"bm25": [5.0, 5.0]}, margin=3.0) == []
+    assert kept([5.0], {"bm25": [5.0]}, margin=0.0) == [100]  # margin 0: equal counts as "at most"
+
+
+def test_missing_scores():
+    # an unscored negative is dropped: it could be an unlabelled positive
+    assert kept([9.0, 9.0], {"bm25": [nan, 1.0]}) == [101]
+    # an unscored positive is ignored; with no scored positive nothing can be vouched for
+    assert kept([nan, 9.0], {"bm25": [5.0, 7.0]}) == [100]
+    assert kept([nan, nan], {"bm25": [-10.0]}) == []
+
+
+def test_no_negative_left():
+    assert kept([1.0], {"bm25": [0.0, 0.5], "tasb": [-1.0]}, margin=3.0) == []
+
+
+def test_per_system_cap_rank_order_repeats_and_system_choice():
+    scores = {"bm25": [0.0] * 8, "tasb": [0.0] * 3}
+    assert kept([9.0], scores, per_system=2) == [100, 101, 110, 111]
+    assert kept([9.0], scores, per_system=2, systems=("tasb",)) == [110, 111]
+    # a negative that is also a positive, or already taken from another system, is not repeated
+    negs = {"bm25": np.array([1, 7, 8]), "tasb": np.array([8, 9])}
+    z = {"bm25": np.zeros(3, np.float32), "tasb": np.zeros(2, np.float32)}
+    assert bi.filter_negatives(np.array([1]), negs, np.array([9.0], np.float32), z, 3.0, 5) == [7, 8, 9]
+
+
+def test_filter_on_the_sample_matches_a_plain_dict_reading(tmp_path):
+    """The filter over the memory-mapped stores equals the classic script's dict-of-dicts logic on the sample."""
+    import gzip
+    import json
+    import pickle
+    _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
+    qids, positives, negatives = bi.training_queries(md.MSMarco(cfg.data_dir), cfg)
+    ce = pickle.load(gzip.open(md.SAMPLE_DIR / "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz"))
+    expected = {}
+    for line in gzip.open(md.SAMPLE_DIR / "msmarco-hard-negatives.jsonl.gz", "rt"):
+        rec = json.loads(line)
+        threshold = min(ce[rec["qid"]][p] for p in rec["pos"]) - cfg.ce_margin
+        negs = []
+        for system, pids in rec["neg"].items():
+            added = 0
+            for pid in pids:
+                if ce[rec["qid"]][pid] > threshold or pid in negs or pid in rec["pos"]:
+                    continue
+                negs.append(pid)
+                added += 1
+                if added >= cfg.negs_per_system:
+                    break
+        if negs:
+            expected[rec["qid"]] = (sorted(rec["pos"]), sorted(negs))
+    got = {int(q): (sorted(p.tolist()), sorted(n.tolist())) for q, p, n in zip(qids, positives, negatives)}
+    assert got == expected and len(got) > 100
+
+
+def test_rotation_gives_each_epoch_the_next_positive_and_negative():
+    qids = np.array([10, 20])
+    pos = [np.array([1, 2]), np.array([3])]
+    neg = [np.array([5, 6, 7]), np.array([8, 9])]
+    rows = bi.rotation(qids, pos, neg, epochs=4, seed=0)
+    assert rows[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    for q, ps, ns in zip(qids, pos, neg):
+        mine = rows[rows[:, 1] == q]
+        i0 = list(ps).index(mine[0, 2])
+        assert mine[:, 2].tolist() == [ps[(i0 + e) % len(ps)] for e in range(4)]
+        j0 = list(ns).index(mine[0, 3])
+        assert mine[:, 3].tolist() == [ns[(j0 + e) % len(ns)] for e in range(4)]
+    np.testing.assert_array_equal(rows, bi.rotation(qids, pos, neg, epochs=4, seed=0))  # same seed, same rows
+
+
+def test_resumed_sampler_replays_the_same_batches(tmp_path):
+    """HF Trainer resumes an epoch by re-creating the batch sampler and skipping the batches already done:
+    the same seed and epoch must give the same batches, drawn from that epoch's rows only."""
+    _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
+    data = md.MSMarco(cfg.data_dir)
+    qids, positives, negatives = bi.training_queries(data, cfg)
+    rows = bi.rotation(qids, positives, negatives, 3, cfg.seed)
+    ds = bi.training_triplets(data, rows)
+
+    def batches(epoch):
+        sampler = bi.EpochBlockSampler(ds, batch_size=16, drop_last=False, seed=cfg.seed, rows_per_epoch=len(qids),
+                                       generator=torch.Generator())  # as the trainer builds it
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    first = batches(1)
+    assert first == batches(1) and first != batches(2)
+    flat = [i for b in first for i in b]
+    assert sorted(flat) == list(range(len(qids), 2 * len(qids)))  # exactly epoch 1's rows, each once
+    for b in first:  # no text twice in a batch
+        texts = [t for i in b for t in ds[i].values()]
+        assert len(texts) == len(set(texts))
+
+
+def test_bm25_triples_source_groups_the_triples_by_query(tmp_path):
+    _, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--negatives=triples", "--max_triples=500")
+    data = md.MSMarco(cfg.data_dir)
+    qids, positives, negatives = bi.training_queries(data, cfg)
+    expected: dict[int, tuple[set, set]] = {}
+    for q, p, n in np.asarray(data.triples(500)).tolist():
+        expected.setdefault(q, (set(), set()))[0].add(p)
+        expected[q][1].add(n)
+    assert {int(q): (set(p.tolist()), set(n.tolist())) for q, p, n in zip(qids, positives, negatives)} == expected
+    with pytest.raises(SystemExit, match="--negatives must be hard or triples"):
+        bi.training_queries(data, md.parse_cli(cfg, ["--negatives=bm25"]))

@@ -1,0 +1,185 @@
+"""The three training scripts, imported as modules and run with tiny budgets on the bundled sample."""
+import importlib.util
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import msmarco_data as md
+from conftest import ROOT
+
+SCRIPTS = ["train_cross-encoder-v1", "train_cross-encoder-v2", "train_bi-encoder-v2"]
+
+
+def load(name: str):
+    """Import a script whose file name has hyphens; nothing runs at import time."""
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TINY = ["--sample", "--max_steps=4", "--eval_steps=2", "--eval_queries=6", "--eval_candidates=6",
+        "--batch_size=4", "--logging_steps=1"]
+TINY_LEN = {"train_cross-encoder-v1": ["--max_length=48"], "train_cross-encoder-v2": ["--max_length=48"],
+            "train_bi-encoder-v2": ["--max_seq_length=16", "--retrieval_k=20", "--retrieval_eval=false"]}
+# one run of the bi-encoder also retrieves from the whole sample collection, before, during and after training
+WITH_RETRIEVAL = {"train_bi-encoder-v2": ["--retrieval_eval=true", "--retrieval_every_eval=true"]}
+
+
+def tiny_config(name: str, out, *extra: str):
+    mod = load(name)
+    return mod, md.script_config(mod.Config(), mod.SAMPLE, TINY + TINY_LEN[name] + [f"--output_dir={out}", *extra])
+
+
+def rerun_metrics(name: str, model_dir, cfg) -> dict:
+    """Metrics of the saved model, loaded with stock sentence-transformers, on the script's held-out set."""
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+    data = md.MSMarco(cfg.data_dir)
+    dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
+    if name.startswith("train_bi"):
+        return evaluate.rerank_metrics(evaluate.bi_encoder_run(SentenceTransformer(str(model_dir)), dev), dev)
+    return evaluate.rerank_metrics(evaluate.cross_encoder_run(CrossEncoder(str(model_dir)), dev), dev)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_trains_evaluates_saves_and_reloads(name, tmp_path):
+    mod, cfg = tiny_config(name, tmp_path / "out", *WITH_RETRIEVAL.get(name, []))
+    res = mod.main(cfg)
+    out = tmp_path / "out"
+    for f in ["config.json", "metrics.jsonl", "metrics.png", "results.json", "baselines.json", "model"]:
+        assert (out / f).exists(), f
+    assert not (out / "model.tmp").exists()
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 4
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]
+    assert any("eval_dev_MRR@10" in r for r in history)
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    for key in ("bm25", "untrained", "trained"):
+        assert 0.0 <= res[key]["MRR@10"] <= 1.0
+    # the bm25 baseline is the candidate order, scored by the shared metrics
+    data = md.MSMarco(cfg.data_dir)
+    dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
+    assert res["bm25"] == evaluate.rerank_metrics(evaluate.candidate_order_run(dev), dev)
+    # the saved model is the one the script evaluated, and loads with stock sentence-transformers
+    assert rerun_metrics(name, out / "model", cfg) == pytest.approx(res["trained"], abs=1e-9)
+    if name in WITH_RETRIEVAL:
+        assert {"untrained_retrieval", "trained_retrieval"} <= set(res)
+        assert any("eval_dev_retrieval_R@20" in r for r in history)  # retrieval ran at the eval steps too
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_resume_continues_from_checkpoint(name, tmp_path, capsys):
+    mod, cfg = tiny_config(name, tmp_path / "full")
+    full = mod.main(cfg)
+    mod, cut = tiny_config(name, tmp_path / "cut")
+    mod.main(cut)
+    # simulate a run cut after its first checkpoint: drop what came later, then rerun the same command
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "cut" / "model")
+    capsys.readouterr()
+    resumed = mod.main(cut)
+    assert "resuming from" in capsys.readouterr().out
+    history = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]  # no step logged twice
+    assert resumed["trained"] == pytest.approx(full["trained"], abs=1e-6)
+    a = load_state(name, tmp_path / "full" / "model")
+    b = load_state(name, tmp_path / "cut" / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def load_state(name, model_dir):
+    from safetensors.torch import load_file
+    files = sorted(model_dir.rglob("model.safetensors"))
+    assert files, f"no weights in {model_dir}"
+    return {f"{f.parent.name}/{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_bad_config_values_are_clear_errors(name, tmp_path):
+    mod = load(name)
+    with pytest.raises(SystemExit, match="--lr takes a float"):
+        md.script_config(mod.Config(), mod.SAMPLE, ["--lr=fast"])
+    with pytest.raises(SystemExit, match="unknown option --learning_rate(.|\n)*--lr="):
+        md.script_config(mod.Config(), mod.SAMPLE, ["--learning_rate=1e-5"])
+
+
+def test_bad_choice_values_are_clear_errors(tmp_path):
+    v2, cfg = tiny_config("train_cross-encoder-v2", tmp_path, "--loss=kl")
+    with pytest.raises(SystemExit, match="--loss must be mse or margin_mse"):
+        v2.main(cfg)
+    bi, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--similarity=euclid")
+    with pytest.raises(SystemExit, match="--similarity must be cosine or dot"):
+        bi.main(cfg)
+    bi, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--systems=bm25,nosuchsystem")
+    with pytest.raises(SystemExit, match="nosuchsystem"):
+        bi.main(cfg)
+
+
+@pytest.mark.parametrize("name,missing", [("train_cross-encoder-v1", "qidpidtriples.train.full.2.tsv.gz"),
+                                          ("train_cross-encoder-v2", "bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv"),
+                                          ("train_bi-encoder-v2", "msmarco-hard-negatives.jsonl.gz")])
+def test_missing_data_file_is_a_clear_error(name, missing, tmp_path, monkeypatch):
+    copy = tmp_path / "sample"
+    shutil.copytree(md.SAMPLE_DIR, copy, ignore=shutil.ignore_patterns(md.PREPARED))
+    (copy / missing).unlink()
+    monkeypatch.setattr(md, "SAMPLE_DIR", copy)  # a bundled-sample folder: missing files are not downloaded
+    mod, cfg = tiny_config(name, tmp_path / "out", f"--data_dir={copy}")
+    with pytest.raises(md.DataError, match=f"{missing} is missing from the bundled sample"):
+        mod.main(cfg)
+
+
+def test_v2_student_outputs_raw_logits(tmp_path):
+    from sentence_transformers import CrossEncoder
+    mod, cfg = tiny_config("train_cross-encoder-v2", tmp_path)
+    res = mod.main(cfg)
+    assert set(res["trained_fit"]) == {"pearson", "spearman", "pairs"}
+    assert -1 <= res["trained_fit"]["pearson"] <= 1
+    model = CrossEncoder(str(tmp_path / "model"))
+    pairs = [("what is a cat", "A cat is a small domesticated carnivorous mammal.")]
+    raw = model.predict(pairs, activation_fn=torch.nn.Identity())
+    assert model.predict(pairs) == pytest.approx(raw)  # no sigmoid: the teacher's logits are unbounded
+
+
+def test_v2_margin_mse_trains(tmp_path):
+    mod, cfg = tiny_config("train_cross-encoder-v2", tmp_path, "--loss=margin_mse")
+    res = mod.main(cfg)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in history if "loss" in r)
+    assert 0 <= res["trained"]["MRR@10"] <= 1
+
+
+def test_v2_teacher_samples_are_the_teacher_lines(tmp_path):
+    mod, cfg = tiny_config("train_cross-encoder-v2", tmp_path, "--max_lines=-1")
+    data = md.MSMarco(cfg.data_dir)
+    train_lines, held = mod.teacher_split(data, cfg)
+    teacher = data.teacher_scores()
+    assert len(np.intersect1d(teacher["qid"][train_lines], teacher["qid"][held])) == 0
+    assert len(train_lines) + len(held) == len(teacher)
+    ds = mod.training_samples(data, train_lines[:3], "mse")
+    rows = [ds[i] for i in range(6)]
+    for i, line in enumerate(train_lines[:3]):
+        rec = teacher[line]
+        q = data.queries("train")[int(rec["qid"])]
+        assert rows[2 * i] == {"query": q, "passage": data.collection()[int(rec["pid_pos"])],
+                               "label": pytest.approx(float(rec["pos_score"]))}
+        assert rows[2 * i + 1]["passage"] == data.collection()[int(rec["pid_neg"])]
+        assert rows[2 * i + 1]["label"] == pytest.approx(float(rec["neg_score"]))
+
+
+def test_v1_pairs_follow_the_negative_ratio(tmp_path):
+    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--neg_per_pos=4", "--max_pairs=50")
+    data = md.MSMarco(cfg.data_dir)
+    ds = mod.training_pairs(data, cfg)
+    labels = [ds[i]["label"] for i in range(len(ds))]
+    assert len(ds) == 50 and labels.count(1.0) == 10 and labels[0] == 1.0 and labels[1:5] == [0.0] * 4
+    t = data.triples()
+    assert ds[0]["passage"] == data.collection()[int(t[0, 1])]  # the first triple's positive
+    assert ds[1]["passage"] == data.collection()[int(t[0, 2])]  # then its negative
