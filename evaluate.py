@@ -283,21 +283,20 @@ def candidate_order_run(rs: RerankSet) -> Run:
 
 
 def cross_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
-    """Score every (query, candidate) pair with a CrossEncoder, as raw logits (a sigmoid would tie large ones)."""
+    """Score every (query, candidate) pair with a CrossEncoder, as raw fp32 logits (a sigmoid, or bf16's three
+    significant digits, would tie close candidates and blur the metrics)."""
     import torch
     pairs = [(q, p) for q, ps in zip(rs.queries, rs.passages) for p in ps]
-    with msmarco_data.autocast(model.device):
-        scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
-                               activation_fn=torch.nn.Identity())
+    scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
+                           activation_fn=torch.nn.Identity())
     return _split_scores(rs, np.asarray(scores, dtype=np.float64).reshape(len(pairs), -1)[:, 0])
 
 
 def bi_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
     """Rerank the candidates by the bi-encoder's similarity (its own similarity function: cosine or dot)."""
     flat = [p for ps in rs.passages for p in ps]
-    with msmarco_data.autocast(model.device):
-        q_emb = model.encode_query(rs.queries, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
-        p_emb = model.encode_document(flat, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    q_emb = model.encode_query(rs.queries, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    p_emb = model.encode_document(flat, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
     owner = np.repeat(np.arange(len(rs.qids)), [len(c) for c in rs.candidates])
     sims = model.similarity_pairwise(q_emb[owner], p_emb).float().cpu().numpy()
     return _split_scores(rs, sims.astype(np.float64))
@@ -381,7 +380,7 @@ class RetrievalEvaluator(BaseEvaluator):
     def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
         was_training = model.training
         model.eval()
-        with msmarco_data.autocast(model.device):
+        with msmarco_data.autocast(model.device):  # encoding the collection in bf16, as fp16 caches do at scale
             run = dense_retrieval_run(model, self.rs.queries, self.rs.qids, self.collection, self.k, self.batch_size)
         model.train(was_training)
         m = evaluate_run(run, self.rs.qrels, min_grade=self.rs.min_grade, recall_ks=(self.k,))

@@ -34,6 +34,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+try:
+    import fcntl  # POSIX: serialises store builds between processes
+except ImportError:  # pragma: no cover - Windows: builds are still atomic, just not serialised
+    fcntl = None
+
 REPO = Path(__file__).resolve().parent
 DATA_DIR = REPO / "data"  # full downloads land here (git-ignored)
 SAMPLE_DIR = DATA_DIR / "sample"  # the bundled miniature MS MARCO (committed)
@@ -463,28 +468,32 @@ def prepared(data_dir: Path, name: str, sources: list[Path], build: Callable[[Pa
     """The folder of store `name`, built by `build(tmp_dir)` unless an up-to-date one exists.
 
     Built into a temporary folder and renamed when complete, so an interrupted or failed build leaves
-    nothing behind and the next run rebuilds it; a changed source file (size or mtime) forces a rebuild."""
+    nothing behind and the next run rebuilds it; a changed source file (size or mtime) forces a rebuild.
+    A file lock lets one process build while the others (torchrun ranks, parallel runs) wait for it."""
     root = resolve_dir(data_dir) / PREPARED
+    root.mkdir(parents=True, exist_ok=True)
     final = root / name
     want = _fingerprint(sources)
-    meta_path = final / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") == want:
+    with open(root / f"{name}.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        meta_path = final / "meta.json"
+        if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == want:
             return final
-    tmp = root / f"{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    t0 = time.time()
-    try:
-        info = build(tmp) or {}
-        (tmp / "meta.json").write_text(json.dumps(
-            {"fingerprint": want, "built_seconds": round(time.time() - t0, 1), **info}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for stale in root.glob(f"{name}.tmp-*"):  # left by a killed build: no one else builds under the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f"{name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        t0 = time.time()
+        try:
+            info = build(tmp) or {}
+            (tmp / "meta.json").write_text(json.dumps(
+                {"fingerprint": want, "built_seconds": round(time.time() - t0, 1), **info}, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return final
 
 
@@ -510,6 +519,16 @@ def load_array(folder: Path, name: str, dtype) -> np.ndarray:
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def write_sorted_index(folder: Path, ids: np.ndarray, ids_name: str, rows_name: str, where: str) -> None:
+    """Sorted ids and the file row of each, for lookups by binary search; an id seen twice is a damaged file."""
+    order = np.argsort(ids, kind="stable")
+    s = ids[order]
+    if len(s) > 1 and (dup := np.flatnonzero(s[1:] == s[:-1])).size:
+        raise DataError(f"{where}: id {s[dup[0]]} appears twice; the file is damaged: download it again")
+    s.tofile(folder / ids_name)
+    order.astype(np.int64).tofile(folder / rows_name)
 
 
 class TextStore:
@@ -543,12 +562,7 @@ class TextStore:
         for w in (text, offsets, ids):
             w.close()
         all_ids = np.fromfile(folder / "ids.bin", dtype=np.int64)
-        order = np.argsort(all_ids, kind="stable")
-        s = all_ids[order]
-        if len(s) > 1 and (dup := np.flatnonzero(s[1:] == s[:-1])).size:
-            raise DataError(f"{where}: id {s[dup[0]]} appears twice; the file is damaged: download it again")
-        s.tofile(folder / "sorted_ids.bin")
-        order.astype(np.int64).tofile(folder / "sorted_rows.bin")
+        write_sorted_index(folder, all_ids, "sorted_ids.bin", "sorted_rows.bin", where)
         return {"rows": int(len(all_ids))}
 
     def __len__(self) -> int:
@@ -970,12 +984,7 @@ class HardNegatives:
         for x in w.values():
             x.close()
         q = np.fromfile(folder / "qids_unsorted.bin", dtype=np.int64)
-        order = np.argsort(q, kind="stable")
-        s = q[order]
-        if len(s) > 1 and (dup := np.flatnonzero(s[1:] == s[:-1])).size:
-            raise DataError(f"{path}: qid {s[dup[0]]} appears on two lines; the file is damaged: download it again")
-        s.tofile(folder / "qids.bin")
-        order.astype(np.int64).tofile(folder / "row_of.bin")
+        write_sorted_index(folder, q, "qids.bin", "row_of.bin", str(path))
         (folder / "qids_unsorted.bin").unlink()
         return {"systems": list(systems), "queries": int(len(q)), "negatives": n_neg}
 
@@ -1412,20 +1421,27 @@ def print_table(results: dict, title: str) -> None:
         print(f"{name:12}" + "".join(f"{v[c]:12.4f}" if c in v else f"{'':12}" for c in cols))
 
 
-def finish_run(trainer, model, out: Path, results: dict, title: str) -> None:
-    """Save the (best) model atomically to out/model, with results.json, the metric plot and a printed table."""
+def save_model(trainer, model, out: Path) -> Path | None:
+    """Save the (best) model atomically to out/model; None on the other processes of a multi-GPU run.
+
+    Evaluate the saved folder, not the in-memory model: the trainer leaves the latter's forward wrapped in its
+    bf16 autocast, so only the reloaded model scores in fp32, as the baselines were and as users will load it."""
     if not trainer.is_world_process_zero():
-        return
+        return None
     tmp, final = out / "model.tmp", out / "model"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # a crash before this line leaves the previous model, never half of one
+    return final
+
+
+def report(trainer, out: Path, results: dict, title: str) -> None:
+    """results.json, the metric plot and a printed table of the baselines and the trained model."""
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    metric = trainer.args.metric_for_best_model
-    plot_history(out / "metrics.jsonl", out / "metrics.png", metric)
+    plot_history(out / "metrics.jsonl", out / "metrics.png", trainer.args.metric_for_best_model)
     print_table(results, title)
-    print(f"model saved to {final}")
+    print(f"model saved to {out / 'model'}")
 
 
 def strip_prefix(metrics: dict, name: str) -> dict:

@@ -22,6 +22,7 @@ results.json). Rerunning the same command resumes from the newest checkpoint.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -207,11 +208,12 @@ def main(cfg: Config) -> dict:
     model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
                                 similarity_fn_name=cfg.similarity)
 
-    # 3. Loss: in-batch negatives plus one hard negative per query.
-    sim = model.similarity
-    loss = (MultipleNegativesRankingLoss(model, scale=cfg.scale, similarity_fct=sim) if cfg.loss == "mnrl" else
-            CachedMultipleNegativesRankingLoss(model, scale=cfg.scale, similarity_fct=sim,
-                                               mini_batch_size=cfg.mini_batch_size))
+    # 3. Loss: in-batch negatives plus one hard negative per query; under torchrun the batches of all devices
+    #    serve as negatives for each other (gather_across_devices).
+    common = dict(scale=cfg.scale, similarity_fct=model.similarity,
+                  gather_across_devices=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    loss = (MultipleNegativesRankingLoss(model, **common) if cfg.loss == "mnrl" else
+            CachedMultipleNegativesRankingLoss(model, mini_batch_size=cfg.mini_batch_size, **common))
 
     # 4. Evaluation before training: the BM25 order and the untrained model (reranking and full retrieval).
     rerank = evaluate.RerankEvaluator(dev, evaluate.bi_encoder_run)
@@ -235,12 +237,17 @@ def main(cfg: Config) -> dict:
                                          callbacks=[md.metric_history(out / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=checkpoint)
 
-    # 6. Evaluate the best model and save it where stock SentenceTransformer(path) loads it.
-    results = {**baselines, "trained": evaluate.rerank_metrics(evaluate.bi_encoder_run(model, dev), dev),
-               **({"trained_retrieval": md.strip_prefix(retrieval(model), retrieval.name)} if cfg.retrieval_eval else {}),
+    # 6. Save the best model where stock SentenceTransformer(path) loads it, and evaluate that saved model.
+    saved = md.save_model(trainer, model, out)
+    if saved is None:  # not the main process of a multi-GPU run
+        return {}
+    trained = SentenceTransformer(str(saved))
+    results = {**baselines, "trained": evaluate.rerank_metrics(evaluate.bi_encoder_run(trained, dev), dev),
+               **({"trained_retrieval": md.strip_prefix(retrieval(trained), retrieval.name)} if cfg.retrieval_eval
+                  else {}),
                "eval_queries": len(dev.qids), "training_queries": len(qids), "data_dir": str(data.dir)}
-    md.finish_run(trainer, model, out, results, f"{len(dev.qids)} held-out dev queries: reranking BM25 "
-                                                f"candidates, and retrieval from {len(data.collection()):,} passages")
+    md.report(trainer, out, results, f"{len(dev.qids)} held-out dev queries: reranking BM25 candidates, "
+                                     f"and retrieval from {len(data.collection()):,} passages")
     return results
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from datasets import Dataset
-from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
 from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
 import evaluate
@@ -126,10 +126,13 @@ def main(cfg: Config) -> dict:
                                   callbacks=[md.metric_history(out / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=checkpoint)
 
-    # 6. Evaluate the best model and save it where stock CrossEncoder(path) loads it.
-    final = evaluate.rerank_metrics(evaluate.cross_encoder_run(model, dev), dev)
+    # 6. Save the best model where stock CrossEncoder(path) loads it, and evaluate that saved model.
+    saved = md.save_model(trainer, model, out)
+    if saved is None:  # not the main process of a multi-GPU run
+        return {}
+    final = evaluate.rerank_metrics(evaluate.cross_encoder_run(CrossEncoder(str(saved)), dev), dev)
     results = {**baselines, "trained": final, "eval_queries": len(dev.qids), "data_dir": str(data.dir)}
-    md.finish_run(trainer, model, out, results, f"Reranking {len(dev.qids)} held-out dev queries")
+    md.report(trainer, out, results, f"Reranking {len(dev.qids)} held-out dev queries")
     return results
 
 

@@ -110,9 +110,8 @@ def teacher_fit(model: CrossEncoder, data: md.MSMarco, lines: np.ndarray, max_pa
     q = [queries[int(x)] for x in rec["qid"]] * 2
     p = collection.get_many(rec["pid_pos"]) + collection.get_many(rec["pid_neg"])
     teacher = np.concatenate([rec["pos_score"], rec["neg_score"]]).astype(np.float64)
-    with md.autocast(model.device):
-        student = np.asarray(model.predict(list(zip(q, p)), batch_size=64, show_progress_bar=False,
-                                           activation_fn=torch.nn.Identity()), dtype=np.float64)
+    student = np.asarray(model.predict(list(zip(q, p)), batch_size=64, show_progress_bar=False,
+                                       activation_fn=torch.nn.Identity()), dtype=np.float64)
     ranks = lambda x: np.argsort(np.argsort(x))
     return {"pearson": float(np.corrcoef(student, teacher)[0, 1]),
             "spearman": float(np.corrcoef(ranks(student), ranks(teacher))[0, 1]), "pairs": len(teacher)}
@@ -164,12 +163,16 @@ def main(cfg: Config) -> dict:
                                   callbacks=[md.metric_history(out / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=checkpoint)
 
-    # 6. Evaluate the best student (ranking and teacher fit) and save it for stock CrossEncoder(path).
-    results = {**baselines, "trained": evaluate.rerank_metrics(evaluate.cross_encoder_run(model, dev), dev),
-               "trained_fit": teacher_fit(model, data, held_lines), "eval_queries": len(dev.qids),
+    # 6. Save the best student where stock CrossEncoder(path) loads it; evaluate that saved model (ranking and
+    #    teacher fit).
+    saved = md.save_model(trainer, model, out)
+    if saved is None:  # not the main process of a multi-GPU run
+        return {}
+    student = CrossEncoder(str(saved))
+    results = {**baselines, "trained": evaluate.rerank_metrics(evaluate.cross_encoder_run(student, dev), dev),
+               "trained_fit": teacher_fit(student, data, held_lines), "eval_queries": len(dev.qids),
                "data_dir": str(data.dir), "teacher": md.teacher_description(data.dir)}
-    md.finish_run(trainer, model, out, results, f"Reranking {len(dev.qids)} held-out dev queries; "
-                                                f"teacher: {results['teacher']}")
+    md.report(trainer, out, results, f"Reranking {len(dev.qids)} held-out dev queries; teacher: {results['teacher']}")
     before, after = results["untrained_fit"], results["trained_fit"]
     print(f"student vs teacher on {after['pairs']} held-out pairs: Pearson {before['pearson']:.3f} -> "
           f"{after['pearson']:.3f}, Spearman {before['spearman']:.3f} -> {after['spearman']:.3f}")

@@ -108,8 +108,18 @@ def copy(tmp_path, monkeypatch):
 
 
 def leftovers(folder: Path) -> list[str]:
+    """What a build left under .prepared/, besides the (empty) lock files that serialise builds."""
     root = folder / md.PREPARED
-    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+    return sorted(p.name for p in root.iterdir() if p.suffix != ".lock") if root.exists() else []
+
+
+def test_a_killed_build_leaves_nothing_the_next_run_keeps(copy):
+    """A build killed mid-way (no exception handler runs) leaves its temporary folder; the next build removes it."""
+    stale = copy / md.PREPARED / "collection.tmp-99999"
+    stale.mkdir(parents=True)
+    (stale / "text.bin").write_bytes(b"half")
+    assert len(MSMarco(copy).collection()) == 28_262
+    assert leftovers(copy) == ["collection"]
 
 
 def rewrite_text(path: Path, edit) -> None:
