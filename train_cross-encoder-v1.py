@@ -121,7 +121,7 @@ def main(cfg: Config) -> dict:
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{evaluator.name}_MRR@10", logging_steps=cfg.logging_steps,
-        report_to="none", disable_tqdm=False)
+        report_to="none")
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
                                   callbacks=[md.metric_history(out / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=checkpoint)
