@@ -315,6 +315,40 @@ def rerank_metrics(run: Run, rs: RerankSet) -> dict[str, float]:
     return {"MRR@10": m["MRR@10"], "nDCG@10": m["nDCG@10"]}
 
 
+def subset(rs: RerankSet, idx: list[int]) -> RerankSet:
+    """The queries `idx` of a RerankSet (in that order)."""
+    qids = [rs.qids[i] for i in idx]
+    return RerankSet(rs.name, qids, [rs.queries[i] for i in idx], [rs.candidates[i] for i in idx],
+                     [rs.passages[i] for i in idx], {str(q): rs.qrels.get(str(q), {}) for q in qids}, rs.min_grade)
+
+
+# Multi-GPU (torchrun, accelerate launch): every process calls the evaluators at the same time; each does its share
+# of the work and all of them get the whole result, so checkpoint choice agrees and nothing is computed twice.
+def _all_gather(obj) -> list:
+    import torch.distributed as dist
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def split_work(fn: Callable[[list], list], items: list) -> list:
+    """fn(items), one result per item, computed across the processes of a multi-GPU run: process r takes
+    items[r::world] and every process gets all results back in the items' order. One process alone: fn(items)."""
+    rank, world = msmarco_data.process_group()
+    if world == 1:
+        return list(fn(items))
+    out: list = [None] * len(items)
+    for r, part in enumerate(_all_gather(list(fn(items[rank::world])) if items[rank::world] else [])):
+        out[r::world] = part
+    return out
+
+
+def rerank_run(scorer: Callable, model, rs: RerankSet, batch_size: int = 64) -> Run:
+    """scorer(model, rs, batch_size), its queries split across the processes of a multi-GPU run."""
+    return dict(split_work(lambda idx: list(scorer(model, subset(rs, idx), batch_size).items()),
+                           list(range(len(rs.qids)))))
+
+
 class RerankEvaluator(BaseEvaluator):
     """A sentence-transformers evaluator over a RerankSet, computed with this module's metrics;
     its primary metric (MRR@10) picks the best checkpoint."""
@@ -325,25 +359,34 @@ class RerankEvaluator(BaseEvaluator):
         self.name = name or rs.name
         self.primary_metric = "MRR@10"
 
-    def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+    def metrics(self, model) -> dict[str, float]:
+        """MRR@10 and nDCG@10 of the model's reranking (names without the evaluator's prefix)."""
         was_training = model.training
         model.eval()
-        metrics = rerank_metrics(self.scorer(model, self.rs, self.batch_size), self.rs)
-        model.train(was_training)
-        metrics = self.prefix_name_to_metrics(metrics, self.name)
+        try:
+            return rerank_metrics(rerank_run(self.scorer, model, self.rs, self.batch_size), self.rs)
+        finally:
+            model.train(was_training)
+
+    def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+        metrics = self.prefix_name_to_metrics(self.metrics(model), self.name)
         self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
         return metrics
 
 
 def dense_retrieval_run(model, queries: list[str], qids: list[int], collection: "msmarco_data.TextStore",
-                        k: int = 100, batch_size: int = 64, chunk: int = 100_000, cache_dir=None) -> Run:
+                        k: int = 100, batch_size: int = 64, chunk: int = 100_000, cache_dir=None,
+                        rows: range | None = None) -> Run:
     """Exact top-k dense retrieval over the whole collection: passages are encoded chunk by chunk and each
     chunk's scores merged into a running top-k, so memory holds one chunk of embeddings, not 8.8M of them.
 
     With `cache_dir` the passage embeddings are kept there instead (see `encode_collection`: fp16, memory-mapped,
-    resumable) and searched by `search_embeddings`, so a later call with the same model encodes nothing."""
+    resumable) and searched by `search_embeddings`, so a later call with the same model encodes nothing.
+    Without it, `rows` limits the search to those collection rows (one process's share of a multi-GPU run)."""
     import torch
     if cache_dir is not None:
+        if rows is not None:
+            raise ValueError("rows= is for the uncached search; the embedding cache covers the whole collection")
         emb = encode_collection(model, collection, cache_dir, batch_size=batch_size, chunk=chunk)
         q = model.encode_query(queries, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
         scores, rows = search_embeddings(model, q, emb, k)
@@ -352,19 +395,30 @@ def dense_retrieval_run(model, queries: list[str], qids: list[int], collection: 
     q = model.encode_query(queries, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
     best_s = torch.full((len(queries), k), -torch.inf, device=q.device)
     best_i = torch.zeros((len(queries), k), dtype=torch.long, device=q.device)
-    n = len(collection)
-    for lo in range(0, n, chunk):
-        rows = range(lo, min(lo + chunk, n))
-        p = model.encode_document([collection.text_at(r) for r in rows], batch_size=batch_size,
-                                  convert_to_tensor=True, show_progress_bar=n > chunk)
+    rows = range(len(collection)) if rows is None else rows
+    for lo in range(rows.start, rows.stop, chunk):
+        part = range(lo, min(lo + chunk, rows.stop))
+        p = model.encode_document([collection.text_at(r) for r in part], batch_size=batch_size,
+                                  convert_to_tensor=True, show_progress_bar=len(rows) > chunk)
         s = model.similarity(q, p).to(best_s.dtype)
-        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, torch.arange(lo, lo + len(rows), device=q.device)
+        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, torch.arange(lo, lo + len(part), device=q.device)
                                                      .expand(len(queries), -1)], 1)
         best_s, pos = s.topk(min(k, s.shape[1]), dim=1)
         best_i = i.gather(1, pos)
     pids = np.asarray(collection.ids)[best_i.cpu().numpy()]
     scores = best_s.float().cpu().numpy()
-    return {str(qid): {str(p): float(v) for p, v in zip(pids[j], scores[j])} for j, qid in enumerate(qids)}
+    keep = np.isfinite(scores)  # a share smaller than k leaves -inf slots
+    return {str(qid): {str(p): float(v) for p, v, ok in zip(pids[j], scores[j], keep[j]) if ok}
+            for j, qid in enumerate(qids)}
+
+
+def merge_top_k(runs: Iterable[Run], k: int) -> Run:
+    """The top k of each query over several runs (the shares of a collection searched apart)."""
+    merged: dict[str, list[tuple[str, float]]] = {}
+    for run in runs:
+        for q, docs in run.items():
+            merged.setdefault(q, []).extend(docs.items())
+    return {q: dict(heapq.nlargest(k, items, key=lambda d: d[1])) for q, items in merged.items()}
 
 
 class RetrievalEvaluator(BaseEvaluator):
@@ -377,14 +431,26 @@ class RetrievalEvaluator(BaseEvaluator):
         self.name = name or f"{rs.name}_retrieval"
         self.primary_metric = "MRR@10"
 
-    def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+    def metrics(self, model) -> dict[str, float]:
+        """MRR@10 and R@k of retrieval from the whole collection; a multi-GPU run splits the collection
+        between its processes (each encodes and searches its share) and merges their top k."""
+        rank, world = msmarco_data.process_group()
+        n = len(self.collection)
         was_training = model.training
         model.eval()
-        with msmarco_data.autocast(model.device):  # encoding the collection in bf16, as fp16 caches do at scale
-            run = dense_retrieval_run(model, self.rs.queries, self.rs.qids, self.collection, self.k, self.batch_size)
-        model.train(was_training)
+        try:
+            with msmarco_data.autocast(model.device):  # encoding the collection in bf16, as fp16 caches do at scale
+                run = dense_retrieval_run(model, self.rs.queries, self.rs.qids, self.collection, self.k,
+                                          self.batch_size, rows=range(n * rank // world, n * (rank + 1) // world))
+        finally:
+            model.train(was_training)
+        if world > 1:
+            run = merge_top_k(_all_gather(run), self.k)
         m = evaluate_run(run, self.rs.qrels, min_grade=self.rs.min_grade, recall_ks=(self.k,))
-        metrics = self.prefix_name_to_metrics({"MRR@10": m["MRR@10"], f"R@{self.k}": m[f"R@{self.k}"]}, self.name)
+        return {"MRR@10": m["MRR@10"], f"R@{self.k}": m[f"R@{self.k}"]}
+
+    def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+        metrics = self.prefix_name_to_metrics(self.metrics(model), self.name)
         self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
         return metrics
 

@@ -12,6 +12,7 @@ repair it (`fix_mojibake`), so the models see ``don’t``; a passage that does n
 from __future__ import annotations
 
 import array
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -129,13 +130,25 @@ def fetch(name: str, data_dir: str | Path) -> Path:
         raise DataError(f"{path} is missing from the bundled sample; restore it with `git checkout -- data/sample` "
                         "or rebuild it with scripts/build_sample.py")
     data_dir.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for url in src.urls:  # mirrors in order; every one is checked against the same size and md5
-        try:
-            return download(url, path, size=src.size, md5=src.md5, desc=name)
-        except DownloadError as e:
-            errors.append(str(e))
+    with file_lock(data_dir / f".{name}.lock"):  # one download per file; parallel runs wait for it, then use it
+        if path.exists():
+            return path
+        errors = []
+        for url in src.urls:  # mirrors in order; every one is checked against the same size and md5
+            try:
+                return download(url, path, size=src.size, md5=src.md5, desc=name)
+            except DownloadError as e:
+                errors.append(str(e))
     raise DownloadError("\n".join(errors))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock between processes (torchrun ranks, parallel runs) for the duration of the block."""
+    with open(path, "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,9 +487,7 @@ def prepared(data_dir: Path, name: str, sources: list[Path], build: Callable[[Pa
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     want = _fingerprint(sources)
-    with open(root / f"{name}.lock", "w") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(root / f"{name}.lock"):
         meta_path = final / "meta.json"
         if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == want:
             return final
@@ -627,6 +638,53 @@ class Grouped:
     def items(self) -> Iterator[tuple[int, np.ndarray]]:
         for i, q in enumerate(self.qids):
             yield int(q), np.asarray(self.values[self.ptr[i]:self.ptr[i + 1]])
+
+    @classmethod
+    def from_arrays(cls, qids: np.ndarray, ptr: np.ndarray, values: np.ndarray) -> "Grouped":
+        """An in-memory Grouped: qids ascending, query i's values at values[ptr[i]:ptr[i + 1]]."""
+        g = cls.__new__(cls)
+        g.qids, g.ptr, g.values = np.asarray(qids, np.int64), np.asarray(ptr, np.int64), np.asarray(values, np.int32)
+        return g
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.ptr)
+
+
+class GroupedWriter:
+    """Writes a Grouped store query by query, in ascending qid order, so that no dict of lists is ever held."""
+
+    def __init__(self, folder: Path, prefix: str):
+        self.folder, self.prefix, self.last, self.n = folder, prefix, None, 0
+        self.qids = ArrayWriter(folder / f"{prefix}.qids.bin", np.int64)
+        self.ptr = ArrayWriter(folder / f"{prefix}.ptr.bin", np.int64)
+        self.values = ArrayWriter(folder / f"{prefix}.values.bin", np.int32)
+        self.ptr.write([0])
+
+    def add(self, qid: int, values) -> None:
+        if self.last is not None and qid <= self.last:
+            raise ValueError(f"GroupedWriter: qid {qid} after {self.last}; add queries in ascending order")
+        values = np.asarray(values, dtype=np.int32)
+        self.qids.write([qid])
+        self.values.write(values)
+        self.n += len(values)
+        self.ptr.write([self.n])
+        self.last = qid
+
+    def close(self) -> None:
+        for w in (self.qids, self.ptr, self.values):
+            w.close()
+
+
+def shuffle_within_groups(ptr: np.ndarray, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`values` with each group values[ptr[i]:ptr[i + 1]] in a random order (one argsort, not a loop)."""
+    owner = np.repeat(np.arange(len(ptr) - 1, dtype=np.float64), np.diff(ptr))
+    return np.asarray(values)[np.argsort(owner + rng.random(len(owner)), kind="stable")]
+
+
+def params_key(params: dict) -> str:
+    """A short stable name for a setting (e.g. a filter's thresholds), to keep one derived store per setting."""
+    return hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1380,29 +1438,93 @@ def script_config(default, sample_preset: dict, argv: list[str] | None = None):
     return cfg
 
 
+# Multi-GPU: under `torchrun --nproc_per_node=N` or `accelerate launch` every process runs the whole script. These
+# keep one-time work on one process: it prepares data and writes files while the others wait, and evaluation is
+# split across the processes (evaluate.py), not repeated on each. One process alone: every helper is a no-op.
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); under a launcher (WORLD_SIZE > 1) joins the process group first, before any data work,
+    through accelerate's PartialState, the one the HF Trainer uses later: NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        from accelerate import PartialState
+        # the Trainer's own default (ddp_timeout): the main process may prepare data or evaluate for long
+        PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=1800))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the joined process group, (0, 1) when there is none."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return process_group()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every process of a multi-GPU run (no-op alone)."""
+    if process_group()[1] > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """The main process runs the block first (prepares stores, writes files); the others wait, then run it
+    and find the work done (they open the stores it built)."""
+    main = is_main_process()
+    if not main:
+        barrier()
+    try:
+        yield
+    finally:
+        if main:
+            barrier()
+
+
 def start_run(cfg, out: Path) -> str | None:
     """Prepare output/<script>/: the checkpoint to resume from (newest complete one, if cfg.resume), else a
-    clean slate (old checkpoints and metric history removed). Writes the config beside the outputs."""
-    checkpoint = last_checkpoint(out / "checkpoints") if cfg.resume else None
-    if checkpoint is None:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for name in ("metrics.jsonl", "baselines.json"):
-            (out / name).unlink(missing_ok=True)
-    else:
-        print(f"resuming from {checkpoint}")
-    save_config(cfg, out)
+    clean slate (old checkpoints and metric history removed). Writes the config beside the outputs.
+    Under a launcher it joins the process group; only the main process touches the folder."""
+    init_distributed()
+    with main_process_first():
+        checkpoint = last_checkpoint(out / "checkpoints") if cfg.resume else None
+        if is_main_process():
+            if checkpoint is None:
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+                for name in ("metrics.jsonl", "baselines.json"):
+                    (out / name).unlink(missing_ok=True)
+            else:
+                print(f"resuming from {checkpoint}")
+            save_config(cfg, out)
     return checkpoint
 
 
 def baseline_metrics(out: Path, compute: Callable[[], dict]) -> dict:
-    """Metrics of the baselines (candidate order, untrained model), computed once per run and kept for resumes."""
+    """Metrics of the baselines (candidate order, untrained model), computed once per run and kept for resumes.
+    Every process calls `compute` (its evaluations are split across them); the main process writes the file."""
     path = out / "baselines.json"
+    barrier()  # all processes see the same answer to "computed already?" (the main process writes it below)
     if path.exists():
         return json.loads(path.read_text())
     res = compute()
-    path.write_text(json.dumps(res, indent=1))
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 0, **{f"{k}_{m}": v for k, d in res.items() for m, v in d.items()}}) + "\n")
+    if is_main_process():
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 0, **{f"{k}_{m}": v for k, d in res.items() for m, v in d.items()}}) + "\n")
+        os.replace(tmp, path)
     return res
 
 
@@ -1416,37 +1538,44 @@ def teacher_description(data_dir: Path) -> str:
 def print_table(results: dict, title: str) -> None:
     rows = {k: v for k, v in results.items() if isinstance(v, dict) and "MRR@10" in v}
     cols = sorted({c for v in rows.values() for c in v}, key=lambda c: (c != "MRR@10", c))
-    print(f"\n{title}\n{'':12}" + "".join(f"{c:>12}" for c in cols))
+    w = max([12, *map(len, rows)]) + 1
+    print(f"\n{title}\n{'':{w}}" + "".join(f"{c:>12}" for c in cols))
     for name, v in rows.items():
-        print(f"{name:12}" + "".join(f"{v[c]:12.4f}" if c in v else f"{'':12}" for c in cols))
+        print(f"{name:{w}}" + "".join(f"{v[c]:12.4f}" if c in v else f"{'':12}" for c in cols))
 
 
-def save_model(trainer, model, out: Path) -> Path | None:
-    """Save the (best) model atomically to out/model; None on the other processes of a multi-GPU run.
+def save_model(trainer, model, out: Path) -> Path:
+    """Save the (best) model atomically to out/model (the main process writes, the others wait for it).
 
     Evaluate the saved folder, not the in-memory model: the trainer leaves the latter's forward wrapped in its
     bf16 autocast, so only the reloaded model scores in fp32, as the baselines were and as users will load it."""
-    if not trainer.is_world_process_zero():
-        return None
     tmp, final = out / "model.tmp", out / "model"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # a crash before this line leaves the previous model, never half of one
+    with main_process_first():
+        if trainer.is_world_process_zero():
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(str(tmp))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # a crash before this line leaves the previous model, never half of one
     return final
 
 
 def report(trainer, out: Path, results: dict, title: str) -> None:
-    """results.json, the metric plot and a printed table of the baselines and the trained model."""
+    """results.json, the metric plot and a printed table of the baselines and the trained model (main process)."""
+    if not trainer.is_world_process_zero():
+        return
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot_history(out / "metrics.jsonl", out / "metrics.png", trainer.args.metric_for_best_model)
     print_table(results, title)
-    print(f"model saved to {out / 'model'}")
 
 
-def strip_prefix(metrics: dict, name: str) -> dict:
-    """{"dev_MRR@10": x} -> {"MRR@10": x} for an evaluator named "dev"."""
-    return {k[len(name) + 1:] if k.startswith(name + "_") else k: v for k, v in metrics.items()}
+def freeze_unused_pooler(transformer) -> None:
+    """Freeze a BERT-style pooler layer that mean pooling never uses: DDP (torchrun) would otherwise stop at the
+    first step ("parameters that were not used in producing loss"), or need find_unused_parameters, a slower
+    search of the graph every step. Its weights stay in the saved model, unchanged."""
+    import torch
+    pooler = getattr(transformer.model, "pooler", None)
+    if isinstance(pooler, torch.nn.Module):
+        pooler.requires_grad_(False)
 
 
 def cross_encoder(model_name: str, max_length: int, pooling: str, activation=None):
@@ -1462,6 +1591,7 @@ def cross_encoder(model_name: str, max_length: int, pooling: str, activation=Non
     if pooling != "mean":
         raise SystemExit(f"--pooling must be cls or mean, not {pooling!r}")
     t = Transformer(name, max_seq_length=max_length)
+    freeze_unused_pooler(t)
     dim = t.get_embedding_dimension()
     head = Dense(dim, 1, activation_function=torch.nn.Identity(), module_output_name="scores")
     return CrossEncoder(modules=[t, Pooling(dim, "mean"), head], activation_fn=activation)

@@ -22,7 +22,6 @@ results.json). Rerunning the same command resumes from the newest checkpoint.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -107,49 +106,63 @@ def filter_negatives(pos: np.ndarray, negs: dict[str, np.ndarray], pos_scores: n
     return kept
 
 
-def training_queries(data: md.MSMarco, cfg: Config) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """Training qids with their positives and (filtered) negatives, each negative list shuffled by the seed."""
-    rng = np.random.default_rng(cfg.seed)
-    qrels = data.qrels("train")
-    groups: dict[int, tuple[list[int], list[int]]] = {}
+def training_queries(data: md.MSMarco, cfg: Config) -> tuple[md.Grouped, md.Grouped]:
+    """Positives and negatives of every training query (two Groupeds over the same qids), negatives in a
+    shuffled order. The CE-filtered hard negatives are computed once per data folder and filter setting (minutes
+    at full scale) and kept memory-mapped: a second start, and every torchrun process, only opens them."""
     if cfg.negatives == "hard":
-        hn, ce = data.hard_negatives(), data.ce_scores()
+        hn = data.hard_negatives()
         unknown = set(cfg.systems) - set(hn.systems)
         if unknown:
             raise SystemExit(f"--systems names {sorted(unknown)}, not in the hard-negatives file; it has: "
                              f"{', '.join(hn.systems)}")
-        for qid in hn.qids.tolist():
-            pos = hn.positives(qid)
-            negs = hn.negatives(qid)
-            kept = filter_negatives(pos, negs, ce.lookup(qid, pos), {k: ce.lookup(qid, v) for k, v in negs.items()},
-                                    cfg.ce_margin, cfg.negs_per_system, cfg.systems)
-            if kept and qid in qrels:
-                groups[qid] = (pos.tolist(), kept)
+        setting = dict(ce_margin=cfg.ce_margin, negs_per_system=cfg.negs_per_system, systems=sorted(cfg.systems))
+
+        def build(folder):
+            ce, qrels, rng = data.ce_scores(), data.qrels("train"), np.random.default_rng(0)
+            pos_w, neg_w = md.GroupedWriter(folder, "pos"), md.GroupedWriter(folder, "neg")
+            for qid in hn.qids.tolist():  # ascending
+                pos, negs = hn.positives(qid), hn.negatives(qid)
+                kept = filter_negatives(pos, negs, ce.lookup(qid, pos), {k: ce.lookup(qid, v) for k, v in negs.items()},
+                                        cfg.ce_margin, cfg.negs_per_system, cfg.systems)
+                if kept and qid in qrels:
+                    pos_w.add(qid, pos)
+                    neg_w.add(qid, rng.permutation(kept))
+            pos_w.close(), neg_w.close()
+            return {"setting": setting, "queries": pos_w.qids.n, "negatives": neg_w.n}
+
+        folder = md.prepared(data.dir, "bi-encoder-negatives-" + md.params_key(setting),
+                             [data.path("msmarco-hard-negatives.jsonl.gz"), data.path("cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz"),
+                              data.path("qrels.train.tsv")], build)
+        positives, negatives = md.Grouped(folder, "pos"), md.Grouped(folder, "neg")
     elif cfg.negatives == "triples":
-        for qid, pos, neg in np.asarray(data.triples(cfg.max_triples)).tolist():
-            p, n = groups.setdefault(qid, ([], []))
-            p.append(pos) if pos not in p else None
-            n.append(neg) if neg not in n else None
+        t = np.asarray(data.triples(cfg.max_triples), dtype=np.int64)
+        groups = []
+        for col in (1, 2):  # distinct (qid, pid) pairs, grouped by qid
+            pairs = np.unique(t[:, [0, col]], axis=0)
+            qids, starts = np.unique(pairs[:, 0], return_index=True)
+            groups.append((qids, np.append(starts, len(pairs)), pairs[:, 1]))
+        (qids, p_ptr, p_val), (_, n_ptr, n_val) = groups  # every triple has both: the same qids
+        positives = md.Grouped.from_arrays(qids, p_ptr, p_val)
+        negatives = md.Grouped.from_arrays(qids, n_ptr, md.shuffle_within_groups(n_ptr, n_val,
+                                                                                 np.random.default_rng(cfg.seed)))
     else:
         raise SystemExit(f"--negatives must be hard or triples, not {cfg.negatives!r}")
-    qids = np.array(sorted(groups), dtype=np.int64)
-    if not len(qids):
+    if not len(positives):
         raise SystemExit("no training query has a negative left after filtering: lower --ce_margin or check "
                          "--systems")
-    positives = [np.array(groups[q][0]) for q in qids]
-    negatives = [rng.permutation(groups[q][1]) for q in qids]
-    return qids, positives, negatives
+    return positives, negatives
 
 
-def rotation(qids: np.ndarray, positives: list, negatives: list, epochs: int, seed: int) -> np.ndarray:
+def rotation(positives: md.Grouped, negatives: md.Grouped, epochs: int, seed: int) -> np.ndarray:
     """(epoch, qid, positive, negative) rows, epoch by epoch: in epoch e a query takes its (offset + e)-th positive
     and negative (offsets drawn from the seed), so every epoch pairs it with the next ones, reproducibly."""
+    qids = positives.qids
     off = np.random.default_rng(seed + 1).integers(0, 1 << 30, size=len(qids))
-    rows = []
-    for e in range(epochs):
-        p = [ps[(o + e) % len(ps)] for ps, o in zip(positives, off)]
-        n = [ns[(o + e) % len(ns)] for ns, o in zip(negatives, off)]
-        rows.append(np.stack([np.full(len(qids), e), qids, p, n], 1))
+    pv, nv = np.asarray(positives.values), np.asarray(negatives.values)
+    rows = [np.stack([np.full(len(qids), e), qids,
+                      pv[positives.ptr[:-1] + (off + e) % positives.lengths],
+                      nv[negatives.ptr[:-1] + (off + e) % negatives.lengths]], 1) for e in range(epochs)]
     return np.concatenate(rows).astype(np.int64)
 
 
@@ -194,24 +207,27 @@ def main(cfg: Config) -> dict:
     checkpoint = md.start_run(cfg, out)
     data = md.MSMarco(cfg.data_dir)
 
-    # 1. Data: filtered hard negatives, their per-epoch rotation, held-out dev queries.
-    qids, positives, negatives = training_queries(data, cfg)
-    rows = rotation(qids, positives, negatives, cfg.epochs, cfg.seed)
-    train = training_triplets(data, rows)
-    dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
-    print(f"{len(qids):,} training queries with {sum(map(len, negatives)):,} negatives kept; "
+    # 1. Data: filtered hard negatives, their per-epoch rotation, held-out dev queries. Under torchrun the main
+    #    process prepares the stores first; the others then open them.
+    with md.main_process_first():
+        positives, negatives = training_queries(data, cfg)
+        rows = rotation(positives, negatives, cfg.epochs, cfg.seed)
+        train = training_triplets(data, rows)
+        dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
+    print(f"{len(positives):,} training queries with {len(negatives.values):,} negatives kept; "
           f"{len(dev.qids)} held-out dev queries")
 
     # 2. Model: transformer + mean pooling; cosine or dot similarity.
     torch.manual_seed(cfg.seed)
     transformer = Transformer(md.resolve_model(cfg.model_name), max_seq_length=cfg.max_seq_length)
+    md.freeze_unused_pooler(transformer)  # mean pooling skips a BERT pooler; DDP must not wait for its gradients
     model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
                                 similarity_fn_name=cfg.similarity)
 
     # 3. Loss: in-batch negatives plus one hard negative per query; under torchrun the batches of all devices
     #    serve as negatives for each other (gather_across_devices).
     common = dict(scale=cfg.scale, similarity_fct=model.similarity,
-                  gather_across_devices=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+                  gather_across_devices=md.process_group()[1] > 1)
     loss = (MultipleNegativesRankingLoss(model, **common) if cfg.loss == "mnrl" else
             CachedMultipleNegativesRankingLoss(model, mini_batch_size=cfg.mini_batch_size, **common))
 
@@ -219,15 +235,15 @@ def main(cfg: Config) -> dict:
     rerank = evaluate.RerankEvaluator(dev, evaluate.bi_encoder_run)
     retrieval = evaluate.RetrievalEvaluator(dev, data.collection(), k=cfg.retrieval_k)
     baselines = md.baseline_metrics(out, lambda: {
-        "bm25": evaluate.rerank_metrics(evaluate.candidate_order_run(dev), dev),
-        "untrained": evaluate.rerank_metrics(evaluate.bi_encoder_run(model, dev), dev),
-        **({"untrained_retrieval": md.strip_prefix(retrieval(model), retrieval.name)} if cfg.retrieval_eval else {})})
+        "bm25": evaluate.rerank_metrics(evaluate.candidate_order_run(dev), dev), "untrained": rerank.metrics(model),
+        **({"untrained_retrieval": retrieval.metrics(model)} if cfg.retrieval_eval else {})})
 
     # 5. Trainer: HF Trainer machinery (checkpoints, resume, best model by dev MRR@10, DDP under torchrun).
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, **md.bf16_args(cfg.bf16), seed=cfg.seed, batch_sampler=partial(EpochBlockSampler, rows_per_epoch=len(qids)),
+        weight_decay=cfg.weight_decay, **md.bf16_args(cfg.bf16), seed=cfg.seed,
+        batch_sampler=partial(EpochBlockSampler, rows_per_epoch=len(positives)),
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{rerank.name}_MRR@10", logging_steps=cfg.logging_steps,
@@ -238,14 +254,10 @@ def main(cfg: Config) -> dict:
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # 6. Save the best model where stock SentenceTransformer(path) loads it, and evaluate that saved model.
-    saved = md.save_model(trainer, model, out)
-    if saved is None:  # not the main process of a multi-GPU run
-        return {}
-    trained = SentenceTransformer(str(saved))
-    results = {**baselines, "trained": evaluate.rerank_metrics(evaluate.bi_encoder_run(trained, dev), dev),
-               **({"trained_retrieval": md.strip_prefix(retrieval(trained), retrieval.name)} if cfg.retrieval_eval
-                  else {}),
-               "eval_queries": len(dev.qids), "training_queries": len(qids), "data_dir": str(data.dir)}
+    trained = SentenceTransformer(str(md.save_model(trainer, model, out)))
+    results = {**baselines, "trained": rerank.metrics(trained),
+               **({"trained_retrieval": retrieval.metrics(trained)} if cfg.retrieval_eval else {}),
+               "eval_queries": len(dev.qids), "training_queries": len(positives), "data_dir": str(data.dir)}
     md.report(trainer, out, results, f"{len(dev.qids)} held-out dev queries: reranking BM25 candidates, "
                                      f"and retrieval from {len(data.collection()):,} passages")
     return results

@@ -93,9 +93,11 @@ def main(cfg: Config) -> dict:
     checkpoint = md.start_run(cfg, out)
     data = md.MSMarco(cfg.data_dir)
 
-    # 1. Data: training pairs (ids), held-out dev queries with their BM25 candidates.
-    train = training_pairs(data, cfg)
-    dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
+    # 1. Data: training pairs (ids), held-out dev queries with their BM25 candidates. Under torchrun the main
+    #    process prepares the stores first; the others then open them.
+    with md.main_process_first():
+        train = training_pairs(data, cfg)
+        dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
     print(f"{len(train):,} training pairs; {len(dev.qids)} held-out dev queries")
 
     # 2. Model: a plain encoder with a new one-logit head on [CLS] or on the mean token state. The head's bias
@@ -110,8 +112,7 @@ def main(cfg: Config) -> dict:
     # 4. Evaluation before training: the BM25 order and the untrained model.
     evaluator = evaluate.RerankEvaluator(dev, evaluate.cross_encoder_run)
     baselines = md.baseline_metrics(out, lambda: {
-        "bm25": evaluate.rerank_metrics(evaluate.candidate_order_run(dev), dev),
-        "untrained": evaluate.rerank_metrics(evaluate.cross_encoder_run(model, dev), dev)})
+        "bm25": evaluate.rerank_metrics(evaluate.candidate_order_run(dev), dev), "untrained": evaluator.metrics(model)})
 
     # 5. Trainer: HF Trainer machinery (checkpoints, resume, best model by dev MRR@10, DDP under torchrun).
     args = CrossEncoderTrainingArguments(
@@ -121,17 +122,15 @@ def main(cfg: Config) -> dict:
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{evaluator.name}_MRR@10", logging_steps=cfg.logging_steps,
-        report_to="none")
+        report_to="none", ddp_find_unused_parameters=False)
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
                                   callbacks=[md.metric_history(out / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # 6. Save the best model where stock CrossEncoder(path) loads it, and evaluate that saved model.
-    saved = md.save_model(trainer, model, out)
-    if saved is None:  # not the main process of a multi-GPU run
-        return {}
-    final = evaluate.rerank_metrics(evaluate.cross_encoder_run(CrossEncoder(str(saved)), dev), dev)
-    results = {**baselines, "trained": final, "eval_queries": len(dev.qids), "data_dir": str(data.dir)}
+    trained = CrossEncoder(str(md.save_model(trainer, model, out)))
+    results = {**baselines, "trained": evaluator.metrics(trained), "eval_queries": len(dev.qids),
+               "data_dir": str(data.dir)}
     md.report(trainer, out, results, f"Reranking {len(dev.qids)} held-out dev queries")
     return results
 

@@ -110,8 +110,9 @@ def teacher_fit(model: CrossEncoder, data: md.MSMarco, lines: np.ndarray, max_pa
     q = [queries[int(x)] for x in rec["qid"]] * 2
     p = collection.get_many(rec["pid_pos"]) + collection.get_many(rec["pid_neg"])
     teacher = np.concatenate([rec["pos_score"], rec["neg_score"]]).astype(np.float64)
-    student = np.asarray(model.predict(list(zip(q, p)), batch_size=64, show_progress_bar=False,
-                                       activation_fn=torch.nn.Identity()), dtype=np.float64)
+    student = np.asarray(evaluate.split_work(  # the pairs split across the processes of a multi-GPU run
+        lambda part: model.predict(part, batch_size=64, show_progress_bar=False,
+                                   activation_fn=torch.nn.Identity()).tolist(), list(zip(q, p))), dtype=np.float64)
     ranks = lambda x: np.argsort(np.argsort(x))
     return {"pearson": float(np.corrcoef(student, teacher)[0, 1]),
             "spearman": float(np.corrcoef(ranks(student), ranks(teacher))[0, 1]), "pairs": len(teacher)}
@@ -124,10 +125,12 @@ def main(cfg: Config) -> dict:
     checkpoint = md.start_run(cfg, out)
     data = md.MSMarco(cfg.data_dir)
 
-    # 1. Data: teacher lines (ids), held-out teacher lines, held-out dev queries with their BM25 candidates.
-    train_lines, held_lines = teacher_split(data, cfg)
-    train = training_samples(data, train_lines, cfg.loss)
-    dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
+    # 1. Data: teacher lines (ids), held-out teacher lines, held-out dev queries with their BM25 candidates. Under
+    #    torchrun the main process prepares the stores first; the others then open them.
+    with md.main_process_first():
+        train_lines, held_lines = teacher_split(data, cfg)
+        train = training_samples(data, train_lines, cfg.loss)
+        dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
     print(f"{len(train):,} training samples from {len(train_lines):,} teacher lines; "
           f"{len(held_lines):,} held-out teacher lines; {len(dev.qids)} held-out dev queries")
 
@@ -146,8 +149,7 @@ def main(cfg: Config) -> dict:
     # 4. Evaluation before training: the BM25 order and the untrained student.
     evaluator = evaluate.RerankEvaluator(dev, evaluate.cross_encoder_run)
     baselines = md.baseline_metrics(out, lambda: {
-        "bm25": evaluate.rerank_metrics(evaluate.candidate_order_run(dev), dev),
-        "untrained": evaluate.rerank_metrics(evaluate.cross_encoder_run(model, dev), dev),
+        "bm25": evaluate.rerank_metrics(evaluate.candidate_order_run(dev), dev), "untrained": evaluator.metrics(model),
         "untrained_fit": teacher_fit(model, data, held_lines)})
 
     # 5. Trainer: HF Trainer machinery (checkpoints, resume, best model by dev MRR@10, DDP under torchrun).
@@ -158,24 +160,21 @@ def main(cfg: Config) -> dict:
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{evaluator.name}_MRR@10", logging_steps=cfg.logging_steps,
-        report_to="none")
+        report_to="none", ddp_find_unused_parameters=False)
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
                                   callbacks=[md.metric_history(out / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # 6. Save the best student where stock CrossEncoder(path) loads it; evaluate that saved model (ranking and
     #    teacher fit).
-    saved = md.save_model(trainer, model, out)
-    if saved is None:  # not the main process of a multi-GPU run
-        return {}
-    student = CrossEncoder(str(saved))
-    results = {**baselines, "trained": evaluate.rerank_metrics(evaluate.cross_encoder_run(student, dev), dev),
-               "trained_fit": teacher_fit(student, data, held_lines), "eval_queries": len(dev.qids),
-               "data_dir": str(data.dir), "teacher": md.teacher_description(data.dir)}
+    student = CrossEncoder(str(md.save_model(trainer, model, out)))
+    results = {**baselines, "trained": evaluator.metrics(student), "trained_fit": teacher_fit(student, data, held_lines),
+               "eval_queries": len(dev.qids), "data_dir": str(data.dir), "teacher": md.teacher_description(data.dir)}
     md.report(trainer, out, results, f"Reranking {len(dev.qids)} held-out dev queries; teacher: {results['teacher']}")
     before, after = results["untrained_fit"], results["trained_fit"]
-    print(f"student vs teacher on {after['pairs']} held-out pairs: Pearson {before['pearson']:.3f} -> "
-          f"{after['pearson']:.3f}, Spearman {before['spearman']:.3f} -> {after['spearman']:.3f}")
+    if md.is_main_process():
+        print(f"student vs teacher on {after['pairs']} held-out pairs: Pearson {before['pearson']:.3f} -> "
+              f"{after['pearson']:.3f}, Spearman {before['spearman']:.3f} -> {after['spearman']:.3f}")
     return results
 
 

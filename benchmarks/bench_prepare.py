@@ -142,7 +142,7 @@ def bench_factor(factor: float, root: Path, with_pickle: bool) -> dict:
     shutil.rmtree(folder / ".prepared", ignore_errors=True)  # measure the preparation, not a cache hit
     z = gen.sizes(factor)
     print(f"\n=== factor {factor:g}: {z} -> {folder}", flush=True)
-    have = all((folder / f).exists() for f in gen.FILES.values()) and (folder / "sizes.json").exists() and \
+    have = all((folder / f).exists() for f in [*gen.FILES.values(), *gen.EXTRA_FILES.values()]) and (folder / "sizes.json").exists() and \
         json.loads((folder / "sizes.json").read_text()) == z
     t = time.time()
     if not have:

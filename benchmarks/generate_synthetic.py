@@ -26,6 +26,14 @@ Files (names as in msmarco_data.SOURCES):
                                   `qid \\t pid_pos \\t pid_neg`. SCALED DOWN: the real file has 397,768,673 lines,
                                   this one 20M * factor lines; the scripts only ever read a prefix of it
                                   (MSMarco.triples(max_rows)), so the full length is never needed
+  queries.tar.gz                  members queries.train.tsv (every qid below the training qid range, so each
+                                  qid of the files above has a text: 1.2M queries against the real 808,731) and
+                                  queries.dev.tsv (101,093 * factor), `qid \\t query`, 3-12 random words
+  qrels.train.tsv                 `qid 0 pid 1`, the positives of the hard-negatives file (written with it)
+  qrels.dev.small.tsv             6,980 * factor dev queries, 1-2 positives each
+  top1000.dev.tar.gz              member top1000.dev, `qid \\t pid \\t query \\t passage`, ~955 candidates per
+                                  dev-small query (6.67M lines at factor 1.0, 2.9 GB of text); the passage text is
+                                  random words, not the collection's (the store reads only the ids)
 
 Everything is generated in numpy chunks with per-chunk seeded generators (memory stays at one chunk, and a
 chunk can be regenerated to check what a store returns: see `iter_score_chunks`, `iter_teacher_chunks`).
@@ -51,6 +59,9 @@ REAL = {
     "scores_per_query": 320,  # ~160M (qid, pid, score) entries in all
     "teacher_lines": 40_000_000,
     "triples_lines": 20_000_000,  # scaled: the real qidpidtriples.train.full.2.tsv.gz has 397,768,673 lines
+    "dev_queries": 101_093,  # queries.dev.tsv
+    "dev_small_queries": 6_980,  # qrels.dev.small.tsv, each with ~955 BM25 candidates in top1000.dev
+    "candidates_per_query": 955,
 }
 QID_RANGE = 1_200_000  # real training qids lie below ~1.19M
 
@@ -66,10 +77,14 @@ FILES = {
     "teacher": "bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv",
     "hard_negatives": "msmarco-hard-negatives.jsonl.gz",
     "triples": "qidpidtriples.train.full.2.tsv.gz",
+    "queries": "queries.tar.gz",
+    "dev": "top1000.dev.tar.gz",
 }
+# written by the same job as the file of FILES[job]
+EXTRA_FILES = {"hard_negatives": "qrels.train.tsv", "dev": "qrels.dev.small.tsv"}
 
 # stream ids for the per-chunk generators: every file draws from its own streams
-_S_VOCAB, _S_COLL, _S_QIDS, _S_CE, _S_TEACHER, _S_HN, _S_TRIPLES = range(7)
+_S_VOCAB, _S_COLL, _S_QIDS, _S_CE, _S_TEACHER, _S_HN, _S_TRIPLES, _S_QTEXT, _S_DEV = range(9)
 
 
 def sizes(factor: float) -> dict:
@@ -78,7 +93,9 @@ def sizes(factor: float) -> dict:
     return {"passages": max(1000, round(REAL["passages"] * factor)), "queries": q,
             "ce_entries_approx": q * REAL["scores_per_query"],
             "teacher_lines": max(1, round(REAL["teacher_lines"] * factor)),
-            "triples_lines": max(1, round(REAL["triples_lines"] * factor))}
+            "triples_lines": max(1, round(REAL["triples_lines"] * factor)),
+            "dev_queries": max(200, round(REAL["dev_queries"] * factor)),
+            "dev_small_queries": max(50, round(REAL["dev_small_queries"] * factor))}
 
 
 def _rng(seed: int, stream: int, chunk: int = 0) -> np.random.Generator:
@@ -451,11 +468,13 @@ def write_triples(path: Path, n_lines: int, n_passages: int, seed: int = 0, leve
 
 
 def write_hard_negatives(path: Path, qids: np.ndarray, n_passages: int, seed: int = 0, level: int = 1,
-                         chunk: int = 5_000) -> dict:
-    """One line per query: 1-3 positives; per system (all 13, in the same key order) 20..50 negatives."""
+                         chunk: int = 5_000, qrels_path: Path | None = None) -> dict:
+    """One line per query: 1-3 positives; per system (all 13, in the same key order) 20..50 negatives.
+    With `qrels_path`, also the qrels.train.tsv of those positives."""
     path = Path(path)
     part = path.with_name(path.name + ".part")
     n_neg = 0
+    qrels = open(qrels_path, "w") if qrels_path is not None else None
     with gzip.open(part, "wb", compresslevel=level) as f:
         for c, lo in enumerate(range(0, len(qids), chunk)):
             rng = _rng(seed, _S_HN, c)
@@ -475,10 +494,102 @@ def write_hard_negatives(path: Path, qids: np.ndarray, n_passages: int, seed: in
                     neg[name] = pool[k:k + m]
                     k += m
                 out.append(json.dumps({"qid": qid, "pos": pos, "neg": neg}))
+                if qrels is not None:
+                    qrels.write("".join(f"{qid}\t0\t{p}\t1\n" for p in pos))
             n_neg += int(nneg.sum())
             f.write(("\n".join(out) + "\n").encode())
+    if qrels is not None:
+        qrels.close()
     os.replace(part, path)
     return {"rows": len(qids), "negatives": n_neg}
+
+
+# --------------------------------------------------------------------------------------------
+# Queries, dev qrels and dev candidates
+# --------------------------------------------------------------------------------------------
+def _words(seed: int) -> list[bytes]:
+    blob, starts, wl, _ = _vocabulary(seed)
+    return [blob[a:a + n - 1].tobytes() for a, n in zip(starts.tolist(), wl.tolist())]
+
+
+def _texts(rng: np.random.Generator, words: list[bytes], n: int, lo: int, hi: int) -> list[bytes]:
+    """n texts of lo..hi random words (uniform over the vocabulary: the store never looks at them)."""
+    counts = rng.integers(lo, hi + 1, n)
+    w = rng.integers(0, len(words), int(counts.sum())).tolist()
+    out, k = [], 0
+    for c in counts.tolist():
+        out.append(b" ".join(words[i] for i in w[k:k + c]))
+        k += c
+    return out
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data_path: Path) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = data_path.stat().st_size, int(time.time()), 0o644
+    with open(data_path, "rb") as f:
+        tar.addfile(info, f)
+
+
+def dev_query_ids(n_dev: int, n_train_range: int) -> np.ndarray:
+    """Dev qids: a range above every training qid, so the splits never share a query."""
+    return np.arange(n_train_range, n_train_range + n_dev, dtype=np.int64)
+
+
+def write_queries(path: Path, n_train_range: int, n_dev: int, seed: int = 0, chunk: int = 100_000) -> dict:
+    """queries.tar.gz: queries.train.tsv for every qid in [0, n_train_range), queries.dev.tsv for the dev qids."""
+    path = Path(path)
+    words = _words(seed)
+    tmp = {m: path.with_name(f"{m}.tmp") for m in ("queries.train.tsv", "queries.dev.tsv")}
+    try:
+        for c, (member, ids) in enumerate([("queries.train.tsv", np.arange(n_train_range)),
+                                           ("queries.dev.tsv", dev_query_ids(n_dev, n_train_range))]):
+            with open(tmp[member], "wb") as f:
+                for k, lo in enumerate(range(0, len(ids), chunk)):
+                    part_ids = ids[lo:lo + chunk].tolist()
+                    texts = _texts(_rng(seed, _S_QTEXT, c * 10_000 + k), words, len(part_ids), 3, 12)
+                    f.write(b"".join(b"%d\t%s\n" % (q, t) for q, t in zip(part_ids, texts)))
+        part = path.with_name(path.name + ".part")
+        with tarfile.open(part, "w:gz", compresslevel=1) as tar:
+            for member, p in tmp.items():
+                _add_member(tar, member, p)
+        os.replace(part, path)
+    finally:
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+    return {"rows": n_train_range + n_dev}
+
+
+def write_dev(path: Path, qrels_path: Path, n_train_range: int, n_dev: int, n_small: int, n_passages: int,
+              per_query: int = REAL["candidates_per_query"], seed: int = 0, chunk: int = 200) -> dict:
+    """top1000.dev.tar.gz and qrels.dev.small.tsv for the first `n_small` dev qids: 1-2 positives each, about
+    60% of them among the query's `per_query` candidates (like BM25's recall@1000 on dev-small, ~0.86, roughly)."""
+    path = Path(path)
+    words = _words(seed)
+    dev = dev_query_ids(n_dev, n_train_range)[:n_small]
+    tmp = path.with_name("top1000.dev.tmp")
+    lines = 0
+    try:
+        with open(tmp, "wb") as f, open(qrels_path, "w") as qrels:
+            for c, lo in enumerate(range(0, len(dev), chunk)):
+                rng = _rng(seed, _S_DEV, c)
+                for qid in dev[lo:lo + chunk].tolist():
+                    pos = rng.choice(n_passages, rng.choice([1, 1, 1, 2]), replace=False).tolist()
+                    qrels.write("".join(f"{qid}\t0\t{p}\t1\n" for p in pos))
+                    n = int(rng.integers(per_query // 2, per_query * 2 - per_query // 2 + 1))
+                    cands = np.unique(rng.integers(0, n_passages, n))
+                    cands = rng.permutation(np.concatenate([cands, [p for p in pos if rng.random() < 0.6
+                                                                    and p not in set(cands.tolist())]]).astype(np.int64))
+                    query = _texts(rng, words, 1, 3, 12)[0]
+                    texts = _texts(rng, words, len(cands), 20, 90)
+                    f.write(b"".join(b"%d\t%d\t%s\t%s\n" % (qid, p, query, t) for p, t in zip(cands.tolist(), texts)))
+                    lines += len(cands)
+        part = path.with_name(path.name + ".part")
+        with tarfile.open(part, "w:gz", compresslevel=1) as tar:
+            _add_member(tar, "top1000.dev", tmp)
+        os.replace(part, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"rows": lines, "queries": len(dev)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,12 +600,17 @@ def generate(folder: str | Path, factor: float, seed: int = 0, only: Iterable[st
     folder.mkdir(parents=True, exist_ok=True)
     z = sizes(factor)
     qids = query_ids(z["queries"], seed)
+    train_range = max(QID_RANGE, 3 * z["queries"])  # every training qid (teacher, triples, hard negatives) is below
     jobs = {
         "collection": lambda p: write_collection(p, z["passages"], seed),
         "ce_scores": lambda p: write_score_pickle(p, iter_score_chunks(qids, z["passages"], REAL["scores_per_query"], seed)),
         "teacher": lambda p: write_teacher(p, z["teacher_lines"], z["passages"], seed),
-        "hard_negatives": lambda p: write_hard_negatives(p, qids, z["passages"], seed),
+        "hard_negatives": lambda p: write_hard_negatives(p, qids, z["passages"], seed,
+                                                         qrels_path=folder / EXTRA_FILES["hard_negatives"]),
         "triples": lambda p: write_triples(p, z["triples_lines"], z["passages"], seed),
+        "queries": lambda p: write_queries(p, train_range, z["dev_queries"], seed),
+        "dev": lambda p: write_dev(p, folder / EXTRA_FILES["dev"], train_range, z["dev_queries"],
+                                   z["dev_small_queries"], z["passages"], seed=seed),
     }
     report = {}
     for name, job in jobs.items():

@@ -55,7 +55,7 @@ def test_filter_on_the_sample_matches_a_plain_dict_reading(tmp_path):
     import json
     import pickle
     _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
-    qids, positives, negatives = bi.training_queries(md.MSMarco(cfg.data_dir), cfg)
+    positives, negatives = bi.training_queries(md.MSMarco(cfg.data_dir), cfg)
     ce = pickle.load(gzip.open(md.SAMPLE_DIR / "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz"))
     expected = {}
     for line in gzip.open(md.SAMPLE_DIR / "msmarco-hard-negatives.jsonl.gz", "rt"):
@@ -73,23 +73,52 @@ def test_filter_on_the_sample_matches_a_plain_dict_reading(tmp_path):
                     break
         if negs:
             expected[rec["qid"]] = (sorted(rec["pos"]), sorted(negs))
-    got = {int(q): (sorted(p.tolist()), sorted(n.tolist())) for q, p, n in zip(qids, positives, negatives)}
+    got = {q: (sorted(p.tolist()), sorted(negatives[q].tolist())) for q, p in positives.items()}
     assert got == expected and len(got) > 100
+    assert np.array_equal(positives.qids, negatives.qids)
+
+
+def test_filtered_negatives_are_built_once_per_setting(tmp_path):
+    """The filter's result is a store: a second call opens it, and a new margin gets its own."""
+    _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
+    data = md.MSMarco(cfg.data_dir)
+    first = bi.training_queries(data, cfg)[1]
+    stores = sorted(p.name for p in (data.dir / md.PREPARED).glob("bi-encoder-negatives-*") if p.is_dir())
+    folder = data.dir / md.PREPARED / stores[0]
+    mtime = (folder / "meta.json").stat().st_mtime_ns
+    again = bi.training_queries(data, cfg)[1]
+    assert (folder / "meta.json").stat().st_mtime_ns == mtime  # opened, not rebuilt
+    np.testing.assert_array_equal(first.values, again.values)
+    looser = bi.training_queries(data, md.parse_cli(cfg, ["--ce_margin=0.5"]))[1]
+    assert len(looser.values) > len(first.values)
+    assert len({p.name for p in (data.dir / md.PREPARED).glob("bi-encoder-negatives-*") if p.is_dir()}) >= 2
+
+def grouped(groups: dict[int, list[int]]) -> md.Grouped:
+    qids = sorted(groups)
+    ptr = np.cumsum([0] + [len(groups[q]) for q in qids])
+    return md.Grouped.from_arrays(np.array(qids), ptr, np.concatenate([groups[q] for q in qids]))
 
 
 def test_rotation_gives_each_epoch_the_next_positive_and_negative():
-    qids = np.array([10, 20])
-    pos = [np.array([1, 2]), np.array([3])]
-    neg = [np.array([5, 6, 7]), np.array([8, 9])]
-    rows = bi.rotation(qids, pos, neg, epochs=4, seed=0)
+    pos, neg = grouped({10: [1, 2], 20: [3]}), grouped({10: [5, 6, 7], 20: [8, 9]})
+    rows = bi.rotation(pos, neg, epochs=4, seed=0)
     assert rows[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    for q, ps, ns in zip(qids, pos, neg):
+    for q in (10, 20):
+        ps, ns = pos[q].tolist(), neg[q].tolist()
         mine = rows[rows[:, 1] == q]
-        i0 = list(ps).index(mine[0, 2])
+        i0 = ps.index(mine[0, 2])
         assert mine[:, 2].tolist() == [ps[(i0 + e) % len(ps)] for e in range(4)]
-        j0 = list(ns).index(mine[0, 3])
+        j0 = ns.index(mine[0, 3])
         assert mine[:, 3].tolist() == [ns[(j0 + e) % len(ns)] for e in range(4)]
-    np.testing.assert_array_equal(rows, bi.rotation(qids, pos, neg, epochs=4, seed=0))  # same seed, same rows
+    np.testing.assert_array_equal(rows, bi.rotation(pos, neg, epochs=4, seed=0))  # same seed, same rows
+    assert not np.array_equal(rows, bi.rotation(pos, neg, epochs=4, seed=1))
+
+
+def test_shuffle_within_groups_keeps_each_group():
+    ptr, values = np.array([0, 3, 3, 8]), np.arange(8)
+    out = md.shuffle_within_groups(ptr, values, np.random.default_rng(0))
+    assert [sorted(out[a:b].tolist()) for a, b in zip(ptr[:-1], ptr[1:])] == [[0, 1, 2], [], [3, 4, 5, 6, 7]]
+    assert out.tolist() != values.tolist()
 
 
 def test_resumed_sampler_replays_the_same_batches(tmp_path):
@@ -97,12 +126,12 @@ def test_resumed_sampler_replays_the_same_batches(tmp_path):
     the same seed and epoch must give the same batches, drawn from that epoch's rows only."""
     _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
     data = md.MSMarco(cfg.data_dir)
-    qids, positives, negatives = bi.training_queries(data, cfg)
-    rows = bi.rotation(qids, positives, negatives, 3, cfg.seed)
-    ds = bi.training_triplets(data, rows)
+    positives, negatives = bi.training_queries(data, cfg)
+    n = len(positives)
+    ds = bi.training_triplets(data, bi.rotation(positives, negatives, 3, cfg.seed))
 
     def batches(epoch):
-        sampler = bi.EpochBlockSampler(ds, batch_size=16, drop_last=False, seed=cfg.seed, rows_per_epoch=len(qids),
+        sampler = bi.EpochBlockSampler(ds, batch_size=16, drop_last=False, seed=cfg.seed, rows_per_epoch=n,
                                        generator=torch.Generator())  # as the trainer builds it
         sampler.set_epoch(epoch)
         return list(sampler)
@@ -110,7 +139,7 @@ def test_resumed_sampler_replays_the_same_batches(tmp_path):
     first = batches(1)
     assert first == batches(1) and first != batches(2)
     flat = [i for b in first for i in b]
-    assert sorted(flat) == list(range(len(qids), 2 * len(qids)))  # exactly epoch 1's rows, each once
+    assert sorted(flat) == list(range(n, 2 * n))  # exactly epoch 1's rows, each once
     for b in first:  # no text twice in a batch
         texts = [t for i in b for t in ds[i].values()]
         assert len(texts) == len(set(texts))
@@ -119,11 +148,37 @@ def test_resumed_sampler_replays_the_same_batches(tmp_path):
 def test_bm25_triples_source_groups_the_triples_by_query(tmp_path):
     _, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--negatives=triples", "--max_triples=500")
     data = md.MSMarco(cfg.data_dir)
-    qids, positives, negatives = bi.training_queries(data, cfg)
+    positives, negatives = bi.training_queries(data, cfg)
     expected: dict[int, tuple[set, set]] = {}
     for q, p, n in np.asarray(data.triples(500)).tolist():
         expected.setdefault(q, (set(), set()))[0].add(p)
         expected[q][1].add(n)
-    assert {int(q): (set(p.tolist()), set(n.tolist())) for q, p, n in zip(qids, positives, negatives)} == expected
+    assert {q: (set(p.tolist()), set(negatives[q].tolist())) for q, p in positives.items()} == expected
     with pytest.raises(SystemExit, match="--negatives must be hard or triples"):
         bi.training_queries(data, md.parse_cli(cfg, ["--negatives=bm25"]))
+
+
+def test_two_processes_split_each_epoch_between_them(tmp_path):
+    """Under torchrun, accelerate hands process r every world-th batch of the one seeded sampler (BatchSamplerShard)
+    and the Trainer sets the epoch on that sampler: together the processes see exactly the epoch's rows, and each
+    process's batches are the same on every run."""
+    from accelerate.data_loader import BatchSamplerShard
+    _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
+    data = md.MSMarco(cfg.data_dir)
+    positives, negatives = bi.training_queries(data, cfg)
+    n = len(positives)
+    ds = bi.training_triplets(data, bi.rotation(positives, negatives, 2, cfg.seed))
+
+    def shard(rank, epoch):
+        sampler = bi.EpochBlockSampler(ds, batch_size=8, drop_last=True, seed=cfg.seed, rows_per_epoch=n,
+                                       generator=torch.Generator())
+        sampler.set_epoch(epoch)  # what the Trainer does through the shard wrapper, every epoch
+        return list(BatchSamplerShard(sampler, num_processes=2, process_index=rank))
+
+    for epoch in (0, 1):
+        a, b = shard(0, epoch), shard(1, epoch)
+        assert a == shard(0, epoch) and b == shard(1, epoch)  # deterministic per rank
+        rows = [i for batch in a + b for i in batch]
+        assert len(rows) == len(set(rows)) and set(rows) <= set(range(epoch * n, (epoch + 1) * n))
+        assert len(rows) >= n - 2 * 8 * 2  # all but the last, partial, round of batches
+    assert shard(0, 0) != shard(0, 1)

@@ -815,6 +815,17 @@ def test_fetch_downloads_missing_file(tmp_path, monkeypatch, http_server):
     assert not list(folder.glob("*.part"))
 
 
+def test_parallel_fetches_download_once(tmp_path, monkeypatch, http_server):
+    """Processes that start together (torchrun ranks, two scripts) share one download: the others wait for it."""
+    from concurrent.futures import ThreadPoolExecutor
+    base, hits = http_server
+    name = "qrels.train.tsv"
+    _patch_source(monkeypatch, name, [base + "/file"], len(PAYLOAD), hashlib.md5(PAYLOAD).hexdigest())
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: md.fetch(name, tmp_path), range(4)))
+    assert hits == ["/file"] and all(p.read_bytes() == PAYLOAD for p in paths)
+
+
 def test_fetch_falls_back_to_mirror(tmp_path, monkeypatch, http_server):
     base, hits = http_server
     name = "qrels.train.tsv"
@@ -830,7 +841,7 @@ def test_fetch_verifies_download(tmp_path, monkeypatch, http_server, size, md5):
     _patch_source(monkeypatch, name, [base + "/file"], size, md5)
     with pytest.raises(DownloadError, match="corrupt"):
         md.fetch(name, tmp_path)
-    assert list(tmp_path.iterdir()) == []  # neither the file nor a .part
+    assert [p.name for p in tmp_path.iterdir()] == [f".{name}.lock"]  # neither the file nor a .part; the lock
 
 
 def test_fetch_refuses_incomplete_existing_file(tmp_path, monkeypatch):

@@ -150,6 +150,14 @@ def test_interrupted_encoding_resumes(models, tmp_path):
     a = evaluate.dense_retrieval_run(model, q, [1, 2], coll, k=5, batch_size=16, chunk=64, cache_dir=tmp_path / "cache")
     b = evaluate.dense_retrieval_run(model, q, [1, 2], coll, k=5, batch_size=16, chunk=64)
     assert {k: evaluate.rank(v) for k, v in a.items()} == {k: evaluate.rank(v) for k, v in b.items()}
+    # two processes of a multi-GPU run each search a share of the rows; their merged top k is the whole search's
+    shares = [evaluate.dense_retrieval_run(model, q, [1, 2], coll, k=5, batch_size=16, chunk=64, rows=r)
+              for r in (range(0, 150), range(150, 300))]
+    merged = evaluate.merge_top_k(shares, 5)
+    assert {k: evaluate.rank(v) for k, v in merged.items()} == {k: evaluate.rank(v) for k, v in b.items()}
+    assert all(merged[k] == pytest.approx(b[k], abs=1e-5) for k in b)
+    tiny = evaluate.dense_retrieval_run(model, q, [1, 2], coll, k=5, rows=range(0, 3))  # a share smaller than k
+    assert all(len(v) == 3 for v in tiny.values())
 
 
 def test_cross_encoder_rerank_matches_ir_measures(models, tmp_path):
