@@ -17,6 +17,7 @@ Commands:
     python train_bi-encoder-v2.py --sample             # bundled sample, offline base model, 2 CPU cores, < 5 min
     python train_bi-encoder-v2.py                      # full data (downloads ~4 GB into data/), one GPU
     python train_bi-encoder-v2.py --loss=cached_mnrl --batch_size=1024   # large batches in bounded memory
+    torchrun --nproc_per_node=8 train_bi-encoder-v2.py   # 8 GPUs (DDP); README, "Train on several GPUs"
 Outputs: output/train_bi-encoder-v2/ (model/, checkpoints/, config.json, metrics.jsonl, metrics.png,
 results.json). Rerunning the same command resumes from the newest checkpoint.
 """
@@ -131,9 +132,10 @@ def training_queries(data: md.MSMarco, cfg: Config) -> tuple[md.Grouped, md.Grou
             pos_w.close(), neg_w.close()
             return {"setting": setting, "queries": pos_w.qids.n, "negatives": neg_w.n}
 
+        sources = ["msmarco-hard-negatives.jsonl.gz", "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz",
+                   "qrels.train.tsv"]
         folder = md.prepared(data.dir, "bi-encoder-negatives-" + md.params_key(setting),
-                             [data.path("msmarco-hard-negatives.jsonl.gz"), data.path("cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz"),
-                              data.path("qrels.train.tsv")], build)
+                             [data.path(name) for name in sources], build)
         positives, negatives = md.Grouped(folder, "pos"), md.Grouped(folder, "neg")
     elif cfg.negatives == "triples":
         t = np.asarray(data.triples(cfg.max_triples), dtype=np.int64)
@@ -196,7 +198,8 @@ def training_triplets(data: md.MSMarco, rows: np.ndarray) -> Dataset:
         return {"query": [queries[int(q)] for q in batch["qid"]], "positive": collection.get_many(batch["pos"]),
                 "negative": collection.get_many(batch["neg"])}
 
-    return Dataset.from_dict({"qid": rows[:, 1], "pos": rows[:, 2], "neg": rows[:, 3]}).with_transform(to_text)
+    ds = md.id_dataset({"qid": rows[:, 1], "pos": rows[:, 2], "neg": rows[:, 3]}, "bi-triplets")
+    return ds.with_transform(to_text)
 
 
 def main(cfg: Config) -> dict:
@@ -248,8 +251,8 @@ def main(cfg: Config) -> dict:
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{rerank.name}_MRR@10", logging_steps=cfg.logging_steps,
         report_to="none", ddp_find_unused_parameters=False)
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss,
-                                         evaluator=[rerank, retrieval] if cfg.retrieval_eval and cfg.retrieval_every_eval else rerank,
+    during = [rerank, retrieval] if cfg.retrieval_eval and cfg.retrieval_every_eval else rerank
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=during,
                                          callbacks=[md.metric_history(out / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=checkpoint)
 

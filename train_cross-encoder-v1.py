@@ -14,6 +14,7 @@ Commands:
     python train_cross-encoder-v1.py --sample          # bundled sample, offline base model, 2 CPU cores, < 5 min
     python train_cross-encoder-v1.py                   # full data (downloads ~3 GB into data/), one GPU
     python train_cross-encoder-v1.py --lr=7e-6 --neg_per_pos=8   # any config field as --key=value
+    torchrun --nproc_per_node=8 train_cross-encoder-v1.py   # 8 GPUs (DDP); README, "Train on several GPUs"
 Outputs: output/train_cross-encoder-v1/ (model/, checkpoints/, config.json, metrics.jsonl, metrics.png,
 results.json). Rerunning the same command resumes from the newest checkpoint.
 """
@@ -68,24 +69,25 @@ SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", poo
 
 def training_pairs(data: md.MSMarco, cfg: Config) -> Dataset:
     """(qid, pid, label) rows from the triples: every triple gives its negative (label 0), every
-    `neg_per_pos`-th triple also its positive (label 1). Texts are looked up only when a batch is built."""
+    `neg_per_pos`-th triple also its positive (label 1), just before that negative. Texts are looked up only
+    when a batch is built."""
     n_rows = math.ceil(cfg.max_pairs * cfg.neg_per_pos / (cfg.neg_per_pos + 1))
     t = np.asarray(data.triples(max_rows=n_rows))
-    pos = t[::cfg.neg_per_pos]
-    qid = np.concatenate([t[:, 0], pos[:, 0]])
-    pid = np.concatenate([t[:, 2], pos[:, 1]])
-    label = np.concatenate([np.zeros(len(t), np.float32), np.ones(len(pos), np.float32)])
-    order = np.argsort(np.concatenate([np.arange(len(t)) * 2 + 1, np.arange(len(pos)) * 2 * cfg.neg_per_pos]),
-                       kind="stable")  # each positive just before the negatives of its triple
+    i = np.arange(len(t))
+    neg_at = i + i // cfg.neg_per_pos + 1  # after the i // k + 1 positives of triples 0..i
+    pos_at = neg_at[::cfg.neg_per_pos] - 1
+    qid, pid = np.empty(len(t) + len(pos_at), np.int32), np.empty(len(t) + len(pos_at), np.int32)
+    label = np.zeros(len(qid), np.float32)
+    qid[neg_at], pid[neg_at] = t[:, 0], t[:, 2]
+    qid[pos_at], pid[pos_at], label[pos_at] = t[::cfg.neg_per_pos, 0], t[::cfg.neg_per_pos, 1], 1.0
     queries, collection = data.queries("train"), data.collection()
-    queries.rows_of(np.unique(qid)), collection.rows_of(np.unique(pid))  # fail now, not mid-run, on unknown ids
+    queries.rows_of(md.distinct_ids(qid)), collection.rows_of(md.distinct_ids(pid))  # unknown ids fail now
 
     def to_text(batch):
         return {"query": [queries[q] for q in batch["qid"]], "passage": collection.get_many(batch["pid"]),
                 "label": batch["label"]}
 
-    ds = Dataset.from_dict({"qid": qid[order], "pid": pid[order], "label": label[order]})
-    return ds.with_transform(to_text)
+    return md.id_dataset({"qid": qid, "pid": pid, "label": label}, "ce-v1-pairs").with_transform(to_text)
 
 
 def main(cfg: Config) -> dict:
@@ -118,7 +120,7 @@ def main(cfg: Config) -> dict:
     args = CrossEncoderTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, **md.bf16_args(cfg.bf16), seed=cfg.seed,
+        weight_decay=cfg.weight_decay, **md.bf16_args(cfg.bf16), seed=cfg.seed, batch_sampler=md.shuffled_batches,
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{evaluator.name}_MRR@10", logging_steps=cfg.logging_steps,

@@ -11,6 +11,16 @@ smallest factor, a child that does what the classic scripts did, pickle.load(gzi
 measured for comparison. The last table extrapolates linearly to factor 1.0 (an extrapolation, not a
 measurement). Peak RSS is the child's VmHWM (/proc/self/status), not ru_maxrss: Linux copies the
 parent's RSS at fork/exec into the child's ru_maxrss, which would inflate small stages. Peak RSS counts the pages of memory-mapped stores that a stage touched, as the kernel does.
+
+Then each training script runs on the same folder, twice (--scripts, on by default): its real `main` with the
+full-scale defaults except the offline base model, a fresh output folder and a small held-out evaluation
+(20 dev queries x 20 candidates; bi-encoder: no retrieval pass over the collection), stopped at its first training
+step. The first start builds what the script adds (queries, qrels and dev-candidate stores, the bi-encoder's
+filtered negatives); the second start finds every store prepared. Printed per start: seconds from launching the
+process to entering the first training step, split into imports, data + model (start_run to the evaluation),
+evaluation before training, trainer setup up to the first batch; and the peak RSS at that step, and before
+the evaluation (imports, data and model only: the evaluation's activations depend on the text lengths, and the
+synthetic random words tokenize into ~3x the pieces of real text).
 """
 from __future__ import annotations
 
@@ -111,6 +121,94 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
+# Run in the child: `script`, `data_dir`, `out_dir`, `extra` are set before this code. Prints one JSON line.
+SCRIPT_CHILD = r"""
+import dataclasses, importlib.util, json, sys, time
+marks = {"launch": launch_time, "imports_start": time.time()}
+import msmarco_data as md
+import transformers
+# the synthetic files have other sizes than the published downloads: lift the size/md5 checks (nothing downloads)
+for k, v in list(md.SOURCES.items()):
+    md.SOURCES[k] = dataclasses.replace(v, size=None, md5=None)
+_start, _base = md.start_run, md.baseline_metrics
+
+def start_run(*a, **k):
+    marks["start_run"] = time.time()
+    r = _start(*a, **k)
+    marks["data_start"] = time.time()
+    return r
+
+def hwm():
+    return [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+
+def baseline_metrics(*a, **k):
+    marks["eval_start"] = time.time()
+    marks["rss_before_eval"] = hwm()  # peak so far: imports, data, model
+    r = _base(*a, **k)
+    marks["eval_end"] = time.time()
+    return r
+
+class FirstStep(Exception):
+    pass
+
+def training_step(self, *a, **k):  # the first batch is built; stop before the forward pass
+    marks["first_step"] = time.time()
+    raise FirstStep
+
+md.start_run, md.baseline_metrics = start_run, baseline_metrics
+transformers.Trainer.training_step = training_step
+spec = importlib.util.spec_from_file_location(script.replace("-", "_"), f"{script}.py")
+mod = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mod
+spec.loader.exec_module(mod)
+cfg = md.parse_cli(mod.Config(), [f"--data_dir={data_dir}", "--model_name=offline:all-MiniLM-L6-v2",
+                                  f"--output_dir={out_dir}", "--resume=false", "--eval_queries=20",
+                                  "--eval_candidates=20", *extra])
+try:
+    mod.main(cfg)
+    raise SystemExit("the script ended without a training step")
+except FirstStep:
+    pass
+print("RESULT " + json.dumps({"marks": marks, "maxrss_mib": hwm()}), flush=True)
+"""
+
+SCRIPTS = {"train_cross-encoder-v1": [], "train_cross-encoder-v2": ["--heldout_queries=10"],
+           "train_bi-encoder-v2": ["--retrieval_eval=false"]}
+
+
+def run_script_child(script: str, data_dir: Path, out_dir: Path) -> dict:
+    t = time.time()
+    code = (f"launch_time = {t!r}\nscript = {script!r}\ndata_dir = {str(data_dir)!r}\nout_dir = {str(out_dir)!r}\n"
+            f"extra = {SCRIPTS[script]!r}\n" + SCRIPT_CHILD)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{script} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    r = json.loads([l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    m = r["marks"]
+    return {"to_first_step_s": m["first_step"] - m["launch"], "imports_s": m["start_run"] - m["launch"],
+            "data_model_s": m["eval_start"] - m["data_start"], "eval_s": m["eval_end"] - m["eval_start"],
+            "trainer_s": m["first_step"] - m["eval_end"], "maxrss_mib": r["maxrss_mib"],
+            "maxrss_before_eval_mib": m["rss_before_eval"]}
+
+
+def bench_scripts(folder: Path) -> dict:
+    print(f"\n{'script start':<36}{'to step s':>10}{'imports':>9}{'data+model':>11}{'eval':>7}{'trainer':>8}"
+          f"{'excl. eval':>11}{'peak MiB':>10}{'pre-eval':>10}")
+    res = {}
+    with tempfile.TemporaryDirectory(prefix="bench-out-") as out:
+        for script in SCRIPTS:
+            for start in ("1st", "2nd"):
+                r = run_script_child(script, folder, Path(out) / f"{script}-{start}")
+                res[f"{script} {start}"] = r
+                print(f"{script + ' (' + start + ' start)':<36}{r['to_first_step_s']:>10.1f}{r['imports_s']:>9.1f}"
+                      f"{r['data_model_s']:>11.1f}{r['eval_s']:>7.1f}{r['trainer_s']:>8.1f}"
+                      f"{r['to_first_step_s'] - r['eval_s']:>11.1f}{r['maxrss_mib']:>10.0f}"
+                      f"{r['maxrss_before_eval_mib']:>10.0f}", flush=True)
+    return res
+
+
 def run_child(stage: str, data_dir: Path) -> dict:
     code = f"stage = {stage!r}\ndata_dir = {str(data_dir)!r}\n" + CHILD
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -137,9 +235,11 @@ HEADER = (f"{'stage':<16}{'rows':>14}{'wall s':>10}{'peak MiB':>11}{'Δbase':>10
           f"{'rows/s':>13}")
 
 
-def bench_factor(factor: float, root: Path, with_pickle: bool) -> dict:
+def bench_factor(factor: float, root: Path, with_pickle: bool, scripts: bool = True,
+                 prepare: bool = True) -> dict:
     folder = root / f"factor-{factor:g}"
-    shutil.rmtree(folder / ".prepared", ignore_errors=True)  # measure the preparation, not a cache hit
+    if prepare:
+        shutil.rmtree(folder / ".prepared", ignore_errors=True)  # measure the preparation, not a cache hit
     z = gen.sizes(factor)
     print(f"\n=== factor {factor:g}: {z} -> {folder}", flush=True)
     have = all((folder / f).exists() for f in [*gen.FILES.values(), *gen.EXTRA_FILES.values()]) and (folder / "sizes.json").exists() and \
@@ -152,6 +252,9 @@ def bench_factor(factor: float, root: Path, with_pickle: bool) -> dict:
     else:
         print("using the sources already generated there", flush=True)
     res = {"factor": factor, "sizes": z, "stages": {}}
+    if not prepare:
+        res["scripts"] = bench_scripts(folder)
+        return res
     base = run_child("baseline", folder)
     res["baseline"] = base
     b = base["maxrss_mib"]
@@ -175,6 +278,8 @@ def bench_factor(factor: float, root: Path, with_pickle: bool) -> dict:
         a, p = res["stages"]["ce_scores"]["maxrss_mib"] - b, res["stages"]["pickle_load"]["maxrss_mib"] - b
         print(f"score pickle, growth over baseline: streaming store {a:.1f} MiB vs pickle.load {p:.1f} MiB "
               f"(x{p / max(a, 1e-9):.1f})")
+    if scripts:
+        res["scripts"] = bench_scripts(folder)
     return res
 
 
@@ -216,6 +321,10 @@ def main(argv=None) -> None:
     ap.add_argument("--dir", type=Path, default=None, help="generate into DIR/factor-F (kept, reused when complete)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    ap.add_argument("--no-scripts", dest="scripts", action="store_false",
+                    help="only the data layer's stages, not the training scripts' starts")
+    ap.add_argument("--only-scripts", action="store_true",
+                    help="only the training scripts' starts, on the stores of an earlier run in --dir")
     a = ap.parse_args(argv)
     root = a.dir or Path(tempfile.mkdtemp(prefix="msmarco-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -223,8 +332,10 @@ def main(argv=None) -> None:
     try:
         factors = sorted(a.factor)
         for f in factors:
-            results.append(bench_factor(f, root, with_pickle=(f == factors[0])))
-        extrapolate(results)
+            results.append(bench_factor(f, root, with_pickle=(f == factors[0]), scripts=a.scripts,
+                                        prepare=not a.only_scripts))
+        if not a.only_scripts and max(factors) < 1.0:
+            extrapolate(results)
         if a.json:
             a.json.write_text(json.dumps(results, indent=1))
     finally:

@@ -909,3 +909,28 @@ def test_parse_cli_bad_value(argv, key):
 def test_parse_cli_positional_argument():
     with pytest.raises(SystemExit, match="unexpected argument"):
         md.parse_cli(Cfg(), ["lr=1"])
+
+
+def test_distinct_ids_and_id_dataset():
+    rng = np.random.default_rng(0)
+    for ids in (rng.integers(0, 1000, 5000), np.array([], np.int64), np.array([3, 3, 3]),
+                np.array([1 << 40, 5, 1 << 40]), np.array([-2, 7, -2])):  # huge or negative ids: np.unique
+        assert md.distinct_ids(ids).tolist() == np.unique(ids).tolist()
+    qid = np.arange(10, dtype=np.int32)
+    ds = md.id_dataset({"qid": qid, "label": np.ones(10, np.float32)}, "t")
+    assert len(ds) == 10 and ds[3] == {"qid": 3, "label": 1.0}
+    assert ds.data.table.column("qid").chunk(0).buffers()[1].address == qid.ctypes.data  # wrapped, not copied
+
+
+def test_stores_pickle_as_their_folder():
+    """`datasets` pickles a batch transform to fingerprint it: a closure over the collection must not copy it."""
+    import pickle
+    data = MSMarco(SAMPLE)
+    coll = data.collection()
+    blob = pickle.dumps(coll)
+    assert len(blob) < 1000 < coll.text.nbytes
+    back = pickle.loads(blob)
+    pid = int(coll.ids[7])
+    assert back[pid] == coll[pid] and len(back) == len(coll)
+    again = pickle.loads(pickle.dumps(data))
+    assert again.dir == data.dir and again.queries("train")[int(data.queries("train").ids[0])]

@@ -183,3 +183,26 @@ def test_v1_pairs_follow_the_negative_ratio(tmp_path):
     t = data.triples()
     assert ds[0]["passage"] == data.collection()[int(t[0, 1])]  # the first triple's positive
     assert ds[1]["passage"] == data.collection()[int(t[0, 2])]  # then its negative
+
+
+def test_v1_pairs_put_each_positive_just_before_its_triples_negative(tmp_path):
+    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--neg_per_pos=3", "--max_pairs=400")
+    data = md.MSMarco(cfg.data_dir)
+    table = mod.training_pairs(data, cfg).data.table
+    got = list(zip(*(table.column(c).to_numpy().tolist() for c in ("qid", "pid", "label"))))
+    expected = []
+    for i, (q, p, n) in enumerate(np.asarray(data.triples(max_rows=300)).tolist()):  # 400 * 3/4 triples
+        expected += ([(q, p, 1.0)] if i % 3 == 0 else []) + [(q, n, 0.0)]
+    assert got == expected
+
+
+def test_shuffled_batches_cover_each_row_once_per_epoch_and_replay_by_epoch():
+    ds = list(range(103))
+    def batches(epoch, seed=5, drop_last=False):
+        s = md.shuffled_batches(ds, batch_size=10, drop_last=drop_last, seed=seed)
+        s.set_epoch(epoch)
+        return list(s)
+    first = batches(0)
+    assert sorted(i for b in first for i in b) == ds and len(first) == 11 and [len(b) for b in first][-1] == 3
+    assert first == batches(0) and first != batches(1) and first != batches(0, seed=6)
+    assert len(batches(0, drop_last=True)) == 10 == len(md.shuffled_batches(ds, 10, True))
