@@ -47,11 +47,12 @@ def test_work_is_split_and_gathered_in_order_and_the_main_process_goes_first(tmp
 
 def test_torchrun_two_processes_train_evaluate_and_save_one_model(tmp_path):
     """The README's torchrun command with two CPU processes and a tiny budget: one data preparation, one
-    history, one model; in-batch negatives gathered across both processes; retrieval split between them."""
+    history, one model; in-batch negatives gathered across both processes; retrieval from the whole sample
+    collection before, during and after training, split between them."""
     out = tmp_path / "out"
     args = ["--sample", "--max_steps=4", "--eval_steps=2", "--eval_queries=6", "--eval_candidates=6",
-            "--batch_size=4", "--logging_steps=1", "--max_seq_length=16", "--retrieval_k=20",
-            "--retrieval_eval=true", "--retrieval_every_eval=false", f"--output_dir={out}"]
+            "--batch_size=4", "--logging_steps=1", "--max_seq_length=8", "--retrieval_k=20",
+            "--retrieval_eval=true", "--retrieval_every_eval=true", f"--output_dir={out}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_bi-encoder-v2.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -60,6 +61,7 @@ def test_torchrun_two_processes_train_evaluate_and_save_one_model(tmp_path):
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]  # logged once, by the main process
     assert [r["step"] for r in history if "eval_dev_MRR@10" in r] == [2, 4]
+    assert [r["step"] for r in history if "eval_dev_retrieval_R@20" in r] == [2, 4]  # retrieval at eval steps too
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "model" / "config.json").exists() and not (out / "model.tmp").exists()
     res = json.loads((out / "results.json").read_text())
