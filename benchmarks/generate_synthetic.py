@@ -13,7 +13,9 @@ Files (names as in msmarco_data.SOURCES):
                                   bytes), ~10% of passages carry the real collection's double-encoded UTF-8
                                   (``donâ\\x80\\x99t``) and ~1% genuine UTF-8 (``café``), which does not round-trip
   cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz
-                                  gzipped pickle of {qid: {pid: score}} (int -> float), written by a streaming
+                                  gzipped pickle of {qid: {pid: score}} (int -> float): for each hard-negatives
+                                  query, its line's distinct pids (~290 per query; the real file ~320; positives
+                                  score high, so the bi-encoder's CE-margin filter keeps a share), written by a streaming
                                   writer that never builds the dict: the opcode stream of the C pickler's
                                   pickle.dumps(d, protocol=4) (PROTO, EMPTY_DICT, MEMOIZE, MARK, BININT/BININT1/
                                   BININT2 keys, BINFLOAT values, SETITEMS per 1,000 items, SETITEM for a dict of
@@ -64,6 +66,7 @@ REAL = {
     "candidates_per_query": 955,
 }
 QID_RANGE = 1_200_000  # real training qids lie below ~1.19M
+HN_CHUNK = 5_000  # queries per generated chunk of the hard-negatives file (and of their scores)
 
 SYSTEMS = ["bm25", "msmarco-distilbert-base-tas-b", "msmarco-distilbert-base-v3", "msmarco-MiniLM-L-6-v3",
            "distilbert-margin_mse-cls-dot-v2", "distilbert-margin_mse-cls-dot-v1", "distilbert-margin_mse-mean-dot-v1",
@@ -467,8 +470,46 @@ def write_triples(path: Path, n_lines: int, n_passages: int, seed: int = 0, leve
     return {"rows": n_lines}
 
 
+def hard_negative_chunk(n_queries: int, c: int, n_passages: int, seed: int = 0, candidates: int = 330):
+    """Chunk c of the hard-negatives file: positives per query (1-3), negatives per query and system (20..50),
+    and the pool of pids they take in order (per query: its positives, then each system's negatives).
+    The systems retrieve from one set of `candidates` pids per query (a random window each), so their lists
+    overlap as the real ones do: ~290 distinct pids per query (the real score pickle holds ~320)."""
+    rng = _rng(seed, _S_HN, c)
+    npos = rng.choice([1, 1, 1, 1, 2, 3], n_queries)
+    nneg = np.where(rng.random((n_queries, len(SYSTEMS))) < 0.8, 50,
+                    rng.integers(20, 50, (n_queries, len(SYSTEMS))))
+    stride = rng.integers(1, max(2, n_passages // candidates), (n_queries, 1))  # distinct: no wrap past the start
+    cand = (rng.integers(0, n_passages, (n_queries, 1)) + stride * np.arange(candidates)) % n_passages
+    window = (rng.integers(0, candidates, (n_queries, len(SYSTEMS)))[:, :, None] + np.arange(50)) % candidates
+    negs = np.take_along_axis(cand[:, None, :], window, axis=2).reshape(n_queries, -1)  # (query, system * 50)
+    pos = rng.integers(0, n_passages, (n_queries, 3))
+    keep = np.hstack([np.arange(3) < npos[:, None], (np.arange(50) < nneg[:, :, None]).reshape(n_queries, -1)])
+    pool = np.hstack([pos, negs])[keep]  # row-major: each query's positives, then its systems in order
+    return npos, nneg, pool
+
+
+def iter_hn_score_chunks(qids: np.ndarray, n_passages: int, seed: int = 0, chunk: int = HN_CHUNK):
+    """Score chunks (as iter_score_chunks) for the hard-negatives file's queries: each query scores exactly the
+    distinct pids of its line, as the real pickle does (it was made by scoring them, ~320 per query).
+    Positives score around +7 and negatives around -2 (sd 4.5), so the CE-margin filter keeps a share of them."""
+    qids = np.asarray(qids, dtype=np.int64)
+    for c, lo in enumerate(range(0, len(qids), chunk)):
+        q = qids[lo:lo + chunk]
+        npos, nneg, pool = hard_negative_chunk(len(q), c, n_passages, seed)
+        per_query = npos + nneg.sum(1)
+        owner = np.repeat(np.arange(len(q), dtype=np.int64), per_query)
+        start = np.repeat(np.cumsum(per_query) - per_query, per_query)
+        is_pos = np.arange(len(pool)) - start < np.repeat(npos, per_query)
+        _, first = np.unique(owner * n_passages + pool, return_index=True)  # distinct per query; a positive wins
+        rng = _rng(seed, _S_CE, c)
+        scores = np.where(is_pos[first], rng.normal(7.0, 2.0, len(first)), rng.normal(-2.0, 4.5, len(first)))
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(owner[first], minlength=len(q)))])
+        yield q, ptr, pool[first].astype(np.int64), scores.astype(np.float32).astype(np.float64)
+
+
 def write_hard_negatives(path: Path, qids: np.ndarray, n_passages: int, seed: int = 0, level: int = 1,
-                         chunk: int = 5_000, qrels_path: Path | None = None) -> dict:
+                         chunk: int = HN_CHUNK, qrels_path: Path | None = None) -> dict:
     """One line per query: 1-3 positives; per system (all 13, in the same key order) 20..50 negatives.
     With `qrels_path`, also the qrels.train.tsv of those positives."""
     path = Path(path)
@@ -477,12 +518,9 @@ def write_hard_negatives(path: Path, qids: np.ndarray, n_passages: int, seed: in
     qrels = open(qrels_path, "w") if qrels_path is not None else None
     with gzip.open(part, "wb", compresslevel=level) as f:
         for c, lo in enumerate(range(0, len(qids), chunk)):
-            rng = _rng(seed, _S_HN, c)
             q = qids[lo:lo + chunk].tolist()
-            npos = rng.choice([1, 1, 1, 1, 2, 3], len(q)).tolist()
-            nneg = np.where(rng.random((len(q), len(SYSTEMS))) < 0.8, 50,
-                            rng.integers(20, 50, (len(q), len(SYSTEMS))))
-            pool = rng.integers(0, n_passages, int(sum(npos) + nneg.sum())).tolist()
+            npos, nneg, pool = hard_negative_chunk(len(q), c, n_passages, seed)
+            npos, pool = npos.tolist(), pool.tolist()
             k = 0
             out = []
             for i, qid in enumerate(q):
@@ -603,7 +641,7 @@ def generate(folder: str | Path, factor: float, seed: int = 0, only: Iterable[st
     train_range = max(QID_RANGE, 3 * z["queries"])  # every training qid (teacher, triples, hard negatives) is below
     jobs = {
         "collection": lambda p: write_collection(p, z["passages"], seed),
-        "ce_scores": lambda p: write_score_pickle(p, iter_score_chunks(qids, z["passages"], REAL["scores_per_query"], seed)),
+        "ce_scores": lambda p: write_score_pickle(p, iter_hn_score_chunks(qids, z["passages"], seed)),
         "teacher": lambda p: write_teacher(p, z["teacher_lines"], z["passages"], seed),
         "hard_negatives": lambda p: write_hard_negatives(p, qids, z["passages"], seed,
                                                          qrels_path=folder / EXTRA_FILES["hard_negatives"]),

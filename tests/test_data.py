@@ -934,3 +934,15 @@ def test_stores_pickle_as_their_folder():
     assert back[pid] == coll[pid] and len(back) == len(coll)
     again = pickle.loads(pickle.dumps(data))
     assert again.dir == data.dir and again.queries("train")[int(data.queries("train").ids[0])]
+
+
+def test_feistel_order_is_a_seeded_permutation():
+    for n in (1, 2, 5, 1000, 70_001):
+        order = np.concatenate(list(md.feistel_order(n, seed=3, chunk=4096)))
+        assert np.array_equal(np.sort(order), np.arange(n))  # every row exactly once
+    a = np.concatenate(list(md.feistel_order(70_001, seed=3)))
+    assert np.array_equal(a, np.concatenate(list(md.feistel_order(70_001, seed=3))))
+    assert not np.array_equal(a, np.concatenate(list(md.feistel_order(70_001, seed=4))))
+    assert abs(np.corrcoef(np.arange(len(a)), a)[0, 1]) < 0.02  # no trace of the input order
+    # the first rows drawn are spread over the whole range, not a local block of it
+    assert np.histogram(a[:7000], bins=10, range=(0, 70_001))[0].min() > 550
