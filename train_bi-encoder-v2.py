@@ -122,7 +122,9 @@ def training_queries(data: md.MSMarco, cfg: Config) -> tuple[md.Grouped, md.Grou
         def build(folder):
             ce, qrels, rng = data.ce_scores(), data.qrels("train"), np.random.default_rng(0)
             pos_w, neg_w = md.GroupedWriter(folder, "pos"), md.GroupedWriter(folder, "neg")
-            for qid in hn.qids.tolist():  # ascending
+            for i, qid in enumerate(hn.qids.tolist()):  # ascending
+                if i % 50_000 == 0:
+                    md.release_pages(hn, ce)  # one pass over 2.4 GB of stores: keep its pages out of RSS
                 pos, negs = hn.positives(qid), hn.negatives(qid)
                 kept = filter_negatives(pos, negs, ce.lookup(qid, pos), {k: ce.lookup(qid, v) for k, v in negs.items()},
                                         cfg.ce_margin, cfg.negs_per_system, cfg.systems)
