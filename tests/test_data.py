@@ -946,3 +946,10 @@ def test_feistel_order_is_a_seeded_permutation():
     assert abs(np.corrcoef(np.arange(len(a)), a)[0, 1]) < 0.02  # no trace of the input order
     # the first rows drawn are spread over the whole range, not a local block of it
     assert np.histogram(a[:7000], bins=10, range=(0, 70_001))[0].min() > 550
+
+
+def test_released_store_pages_read_back_the_same():
+    ce = MSMarco(SAMPLE).ce_scores()
+    before = np.array(ce.scores[:100]), np.array(ce.pids[-100:])
+    md.release_pages(ce)  # drops the pages from this process's resident set; the next read faults them back
+    assert np.array_equal(ce.scores[:100], before[0]) and np.array_equal(ce.pids[-100:], before[1])
