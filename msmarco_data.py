@@ -621,12 +621,10 @@ class Grouped:
 
     @staticmethod
     def write(folder: Path, prefix: str, groups: dict[int, list[int]]) -> None:
-        qids = np.array(sorted(groups), dtype=np.int64)
-        lens = np.array([len(groups[q]) for q in qids], dtype=np.int64)
-        qids.tofile(folder / f"{prefix}.qids.bin")
-        np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tofile(folder / f"{prefix}.ptr.bin")
-        vals = [np.asarray(groups[q], dtype=np.int32) for q in qids]
-        (np.concatenate(vals) if vals else np.zeros(0, np.int32)).tofile(folder / f"{prefix}.values.bin")
+        w = GroupedWriter(folder, prefix)
+        for q in sorted(groups):
+            w.add(q, groups[q])
+        w.close()
 
     def __len__(self) -> int:
         return len(self.qids)
