@@ -12,7 +12,7 @@ measured for comparison. The last table extrapolates linearly to factor 1.0 (an 
 measurement). Peak RSS is the child's VmHWM (/proc/self/status), not ru_maxrss: Linux copies the
 parent's RSS at fork/exec into the child's ru_maxrss, which would inflate small stages. Peak RSS counts the pages of memory-mapped stores that a stage touched, as the kernel does.
 
-Then each training script runs on the same folder, twice (--scripts, on by default): its real `main` with the
+Then each training script runs on the same folder, twice (skip with --no-scripts): its real `main` with the
 full-scale defaults except the offline base model, a fresh output folder and a small held-out evaluation
 (20 dev queries x 20 candidates; bi-encoder: no retrieval pass over the collection), stopped at its first training
 step. The first start builds what the script adds (queries, qrels and dev-candidate stores, the bi-encoder's
