@@ -1516,11 +1516,11 @@ def autocast(device):
 
 
 def bf16_args(want: bool) -> dict:
-    """Trainer arguments for bf16 autocast where it pays off (see bf16_supported); on a CPU the trainer must be
-    told to stay there (use_cpu) to accept bf16."""
+    """Trainer arguments for bf16 autocast where it pays off (see bf16_supported). Without a GPU the trainer is told
+    so (use_cpu): it then accepts bf16 on the CPU, and under torchrun it joins the CPU process group (gloo) instead of
+    running every process as a lone process 0 that trains on all the data and writes the same files."""
     import torch
-    on = want and bf16_supported()
-    return {"bf16": on, "use_cpu": on and not torch.cuda.is_available()}
+    return {"bf16": want and bf16_supported(), "use_cpu": not torch.cuda.is_available()}
 
 
 def script_config(default, sample_preset: dict, argv: list[str] | None = None):
