@@ -35,8 +35,16 @@ from sentence_transformers.sentence_transformer.losses import (CachedMultipleNeg
                                                                MultipleNegativesRankingLoss)
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
-import evaluate
-import msmarco_data as md
+from msmarco.config import script_config
+from msmarco.data import MSMarco, id_dataset, params_key, shuffle_within_groups
+from msmarco.distributed import main_process_first, process_group
+from msmarco.errors import user_errors
+from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_run, candidate_order_run,
+                                load_rerank_set, rerank_metrics)
+from msmarco.models import bf16_args, freeze_unused_pooler, resolve_model
+from msmarco.paths import resolve_dir
+from msmarco.run import baseline_metrics, metric_history, report, save_model, start_run
+from msmarco.stores import Grouped, GroupedWriter, prepared, release_pages
 
 
 @dataclass
@@ -107,7 +115,7 @@ def filter_negatives(pos: np.ndarray, negs: dict[str, np.ndarray], pos_scores: n
     return kept
 
 
-def training_queries(data: md.MSMarco, cfg: Config) -> tuple[md.Grouped, md.Grouped]:
+def training_queries(data: MSMarco, cfg: Config) -> tuple[Grouped, Grouped]:
     """Positives and negatives of every training query (two Groupeds over the same qids), negatives in a
     shuffled order. The CE-filtered hard negatives are computed once per data folder and filter setting (minutes
     at full scale) and kept memory-mapped: a second start, and every torchrun process, only opens them."""
@@ -121,10 +129,10 @@ def training_queries(data: md.MSMarco, cfg: Config) -> tuple[md.Grouped, md.Grou
 
         def build(folder):
             ce, qrels, rng = data.ce_scores(), data.qrels("train"), np.random.default_rng(0)
-            pos_w, neg_w = md.GroupedWriter(folder, "pos"), md.GroupedWriter(folder, "neg")
+            pos_w, neg_w = GroupedWriter(folder, "pos"), GroupedWriter(folder, "neg")
             for i, qid in enumerate(hn.qids.tolist()):  # ascending
                 if i % 50_000 == 0:
-                    md.release_pages(hn, ce)  # one pass over 2.4 GB of stores: keep its pages out of RSS
+                    release_pages(hn, ce)  # one pass over 2.4 GB of stores: keep its pages out of RSS
                 pos, negs = hn.positives(qid), hn.negatives(qid)
                 kept = filter_negatives(pos, negs, ce.lookup(qid, pos), {k: ce.lookup(qid, v) for k, v in negs.items()},
                                         cfg.ce_margin, cfg.negs_per_system, cfg.systems)
@@ -136,9 +144,9 @@ def training_queries(data: md.MSMarco, cfg: Config) -> tuple[md.Grouped, md.Grou
 
         sources = ["msmarco-hard-negatives.jsonl.gz", "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz",
                    "qrels.train.tsv"]
-        folder = md.prepared(data.dir, "bi-encoder-negatives-" + md.params_key(setting),
+        folder = prepared(data.dir, "bi-encoder-negatives-" + params_key(setting),
                              [data.path(name) for name in sources], build)
-        positives, negatives = md.Grouped(folder, "pos"), md.Grouped(folder, "neg")
+        positives, negatives = Grouped(folder, "pos"), Grouped(folder, "neg")
     elif cfg.negatives == "triples":
         t = np.asarray(data.triples(cfg.max_triples), dtype=np.int64)
         groups = []
@@ -147,8 +155,8 @@ def training_queries(data: md.MSMarco, cfg: Config) -> tuple[md.Grouped, md.Grou
             qids, starts = np.unique(pairs[:, 0], return_index=True)
             groups.append((qids, np.append(starts, len(pairs)), pairs[:, 1]))
         (qids, p_ptr, p_val), (_, n_ptr, n_val) = groups  # every triple has both: the same qids
-        positives = md.Grouped.from_arrays(qids, p_ptr, p_val)
-        negatives = md.Grouped.from_arrays(qids, n_ptr, md.shuffle_within_groups(n_ptr, n_val,
+        positives = Grouped.from_arrays(qids, p_ptr, p_val)
+        negatives = Grouped.from_arrays(qids, n_ptr, shuffle_within_groups(n_ptr, n_val,
                                                                                  np.random.default_rng(cfg.seed)))
     else:
         raise SystemExit(f"--negatives must be hard or triples, not {cfg.negatives!r}")
@@ -158,7 +166,7 @@ def training_queries(data: md.MSMarco, cfg: Config) -> tuple[md.Grouped, md.Grou
     return positives, negatives
 
 
-def rotation(positives: md.Grouped, negatives: md.Grouped, epochs: int, seed: int) -> np.ndarray:
+def rotation(positives: Grouped, negatives: Grouped, epochs: int, seed: int) -> np.ndarray:
     """(epoch, qid, positive, negative) rows, epoch by epoch: in epoch e a query takes its (offset + e)-th positive
     and negative (offsets drawn from the seed), so every epoch pairs it with the next ones, reproducibly."""
     qids = positives.qids
@@ -192,7 +200,7 @@ class EpochBlockSampler(NoDuplicatesBatchSampler):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
-def training_triplets(data: md.MSMarco, rows: np.ndarray) -> Dataset:
+def training_triplets(data: MSMarco, rows: np.ndarray) -> Dataset:
     """(query, positive, negative) texts per row, looked up when a batch is built."""
     queries, collection = data.queries("train"), data.collection()
 
@@ -200,7 +208,7 @@ def training_triplets(data: md.MSMarco, rows: np.ndarray) -> Dataset:
         return {"query": [queries[int(q)] for q in batch["qid"]], "positive": collection.get_many(batch["pos"]),
                 "negative": collection.get_many(batch["neg"])}
 
-    ds = md.id_dataset({"qid": rows[:, 1], "pos": rows[:, 2], "neg": rows[:, 3]}, "bi-triplets")
+    ds = id_dataset({"qid": rows[:, 1], "pos": rows[:, 2], "neg": rows[:, 3]}, "bi-triplets")
     return ds.with_transform(to_text)
 
 
@@ -208,46 +216,46 @@ def main(cfg: Config) -> dict:
     if cfg.similarity not in ("cosine", "dot") or cfg.loss not in ("mnrl", "cached_mnrl"):
         raise SystemExit(f"--similarity must be cosine or dot (got {cfg.similarity!r}); --loss mnrl or "
                          f"cached_mnrl (got {cfg.loss!r})")
-    out = md.resolve_dir(cfg.output_dir)
-    checkpoint = md.start_run(cfg, out)
-    data = md.MSMarco(cfg.data_dir)
+    out = resolve_dir(cfg.output_dir)
+    checkpoint = start_run(cfg, out)
+    data = MSMarco(cfg.data_dir)
 
     # 1. Data: filtered hard negatives, their per-epoch rotation, held-out dev queries. Under torchrun the main
     #    process prepares the stores first; the others then open them.
-    with md.main_process_first():
+    with main_process_first():
         positives, negatives = training_queries(data, cfg)
         rows = rotation(positives, negatives, cfg.epochs, cfg.seed)
         train = training_triplets(data, rows)
-        dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
+        dev = load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
     print(f"{len(positives):,} training queries with {len(negatives.values):,} negatives kept; "
           f"{len(dev.qids)} held-out dev queries")
 
     # 2. Model: transformer + mean pooling; cosine or dot similarity.
     torch.manual_seed(cfg.seed)
-    transformer = Transformer(md.resolve_model(cfg.model_name), max_seq_length=cfg.max_seq_length)
-    md.freeze_unused_pooler(transformer)  # mean pooling skips a BERT pooler; DDP must not wait for its gradients
+    transformer = Transformer(resolve_model(cfg.model_name), max_seq_length=cfg.max_seq_length)
+    freeze_unused_pooler(transformer)  # mean pooling skips a BERT pooler; DDP must not wait for its gradients
     model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
                                 similarity_fn_name=cfg.similarity)
 
     # 3. Loss: in-batch negatives plus one hard negative per query; under torchrun the batches of all devices
     #    serve as negatives for each other (gather_across_devices).
     common = dict(scale=cfg.scale, similarity_fct=model.similarity,
-                  gather_across_devices=md.process_group()[1] > 1)
+                  gather_across_devices=process_group()[1] > 1)
     loss = (MultipleNegativesRankingLoss(model, **common) if cfg.loss == "mnrl" else
             CachedMultipleNegativesRankingLoss(model, mini_batch_size=cfg.mini_batch_size, **common))
 
     # 4. Evaluation before training: the BM25 order and the untrained model (reranking and full retrieval).
-    rerank = evaluate.RerankEvaluator(dev, evaluate.bi_encoder_run)
-    retrieval = evaluate.RetrievalEvaluator(dev, data.collection(), k=cfg.retrieval_k)
-    baselines = md.baseline_metrics(out, lambda: {
-        "bm25": evaluate.rerank_metrics(evaluate.candidate_order_run(dev), dev), "untrained": rerank.metrics(model),
+    rerank = RerankEvaluator(dev, bi_encoder_run)
+    retrieval = RetrievalEvaluator(dev, data.collection(), k=cfg.retrieval_k)
+    baselines = baseline_metrics(out, lambda: {
+        "bm25": rerank_metrics(candidate_order_run(dev), dev), "untrained": rerank.metrics(model),
         **({"untrained_retrieval": retrieval.metrics(model)} if cfg.retrieval_eval else {})})
 
     # 5. Trainer: HF Trainer machinery (checkpoints, resume, best model by dev MRR@10, DDP under torchrun).
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, **md.bf16_args(cfg.bf16), seed=cfg.seed,
+        weight_decay=cfg.weight_decay, **bf16_args(cfg.bf16), seed=cfg.seed,
         batch_sampler=partial(EpochBlockSampler, rows_per_epoch=len(positives)),
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
@@ -255,18 +263,19 @@ def main(cfg: Config) -> dict:
         report_to="none", ddp_find_unused_parameters=False)
     during = [rerank, retrieval] if cfg.retrieval_eval and cfg.retrieval_every_eval else rerank
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=during,
-                                         callbacks=[md.metric_history(out / "metrics.jsonl")])
+                                         callbacks=[metric_history(out / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # 6. Save the best model where stock SentenceTransformer(path) loads it, and evaluate that saved model.
-    trained = SentenceTransformer(str(md.save_model(trainer, model, out)))
+    trained = SentenceTransformer(str(save_model(trainer, model, out)))
     results = {**baselines, "trained": rerank.metrics(trained),
                **({"trained_retrieval": retrieval.metrics(trained)} if cfg.retrieval_eval else {}),
                "eval_queries": len(dev.qids), "training_queries": len(positives), "data_dir": str(data.dir)}
-    md.report(trainer, out, results, f"{len(dev.qids)} held-out dev queries: reranking BM25 candidates, "
+    report(trainer, out, results, f"{len(dev.qids)} held-out dev queries: reranking BM25 candidates, "
                                      f"and retrieval from {len(data.collection()):,} passages")
     return results
 
 
 if __name__ == "__main__":
-    main(md.script_config(Config(), SAMPLE))
+    with user_errors():
+        main(script_config(Config(), SAMPLE))

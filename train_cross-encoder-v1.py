@@ -29,8 +29,16 @@ from datasets import Dataset
 from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
 from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
-import evaluate
-import msmarco_data as md
+from msmarco.config import script_config
+from msmarco.data import MSMarco, distinct_ids, id_dataset
+from msmarco.distributed import main_process_first
+from msmarco.errors import user_errors
+from msmarco.evaluation import (RerankEvaluator, candidate_order_run, cross_encoder_run, load_rerank_set,
+                                rerank_metrics)
+from msmarco.models import bf16_args, cross_encoder, head_bias
+from msmarco.paths import resolve_dir
+from msmarco.run import baseline_metrics, metric_history, report, save_model, start_run
+from msmarco.sampling import shuffled_batches
 
 
 @dataclass
@@ -67,7 +75,7 @@ SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", poo
               eval_candidates=20, eval_steps=500, logging_steps=10)  # one evaluation, at the end (268 steps)
 
 
-def training_pairs(data: md.MSMarco, cfg: Config) -> Dataset:
+def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
     """(qid, pid, label) rows from the triples: every triple gives its negative (label 0), every
     `neg_per_pos`-th triple also its positive (label 1), just before that negative. Texts are looked up only
     when a batch is built."""
@@ -81,61 +89,62 @@ def training_pairs(data: md.MSMarco, cfg: Config) -> Dataset:
     qid[neg_at], pid[neg_at] = t[:, 0], t[:, 2]
     qid[pos_at], pid[pos_at], label[pos_at] = t[::cfg.neg_per_pos, 0], t[::cfg.neg_per_pos, 1], 1.0
     queries, collection = data.queries("train"), data.collection()
-    queries.rows_of(md.distinct_ids(qid)), collection.rows_of(md.distinct_ids(pid))  # unknown ids fail now
+    queries.rows_of(distinct_ids(qid)), collection.rows_of(distinct_ids(pid))  # unknown ids fail now
 
     def to_text(batch):
         return {"query": [queries[q] for q in batch["qid"]], "passage": collection.get_many(batch["pid"]),
                 "label": batch["label"]}
 
-    return md.id_dataset({"qid": qid, "pid": pid, "label": label}, "ce-v1-pairs").with_transform(to_text)
+    return id_dataset({"qid": qid, "pid": pid, "label": label}, "ce-v1-pairs").with_transform(to_text)
 
 
 def main(cfg: Config) -> dict:
-    out = md.resolve_dir(cfg.output_dir)
-    checkpoint = md.start_run(cfg, out)
-    data = md.MSMarco(cfg.data_dir)
+    out = resolve_dir(cfg.output_dir)
+    checkpoint = start_run(cfg, out)
+    data = MSMarco(cfg.data_dir)
 
     # 1. Data: training pairs (ids), held-out dev queries with their BM25 candidates. Under torchrun the main
     #    process prepares the stores first; the others then open them.
-    with md.main_process_first():
+    with main_process_first():
         train = training_pairs(data, cfg)
-        dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
+        dev = load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
     print(f"{len(train):,} training pairs; {len(dev.qids)} held-out dev queries")
 
     # 2. Model: a plain encoder with a new one-logit head on [CLS] or on the mean token state. The head's bias
     #    starts at the labels' prior log-odds, log(1 / neg_per_pos), so no steps are spent learning it.
     torch.manual_seed(cfg.seed)
-    model = md.cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=None)
-    md.head_bias(model).fill_(math.log(1 / cfg.neg_per_pos))
+    model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=None)
+    head_bias(model).fill_(math.log(1 / cfg.neg_per_pos))
 
     # 3. Loss: binary cross-entropy on the raw logit.
     loss = BinaryCrossEntropyLoss(model)
 
     # 4. Evaluation before training: the BM25 order and the untrained model.
-    evaluator = evaluate.RerankEvaluator(dev, evaluate.cross_encoder_run)
-    baselines = md.baseline_metrics(out, lambda: {
-        "bm25": evaluate.rerank_metrics(evaluate.candidate_order_run(dev), dev), "untrained": evaluator.metrics(model)})
+    evaluator = RerankEvaluator(dev, cross_encoder_run)
+    baselines = baseline_metrics(out, lambda: {
+        "bm25": rerank_metrics(candidate_order_run(dev), dev), "untrained": evaluator.metrics(model)})
 
     # 5. Trainer: HF Trainer machinery (checkpoints, resume, best model by dev MRR@10, DDP under torchrun).
     args = CrossEncoderTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, **md.bf16_args(cfg.bf16), seed=cfg.seed, batch_sampler=md.shuffled_batches,
+        weight_decay=cfg.weight_decay, **bf16_args(cfg.bf16), seed=cfg.seed, batch_sampler=shuffled_batches,
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{evaluator.name}_MRR@10", logging_steps=cfg.logging_steps,
         report_to="none", ddp_find_unused_parameters=False)
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
-                                  callbacks=[md.metric_history(out / "metrics.jsonl")])
+                                  callbacks=[metric_history(out / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # 6. Save the best model where stock CrossEncoder(path) loads it, and evaluate that saved model.
-    trained = CrossEncoder(str(md.save_model(trainer, model, out)))
+    trained = CrossEncoder(str(save_model(trainer, model, out)))
     results = {**baselines, "trained": evaluator.metrics(trained), "eval_queries": len(dev.qids),
                "data_dir": str(data.dir)}
-    md.report(trainer, out, results, f"Reranking {len(dev.qids)} held-out dev queries")
+    report(trainer, out, results, f"Reranking {len(dev.qids)} held-out dev queries")
     return results
 
 
 if __name__ == "__main__":
-    main(md.script_config(Config(), SAMPLE))
+    with user_errors():
+        main(script_config(Config(), SAMPLE))

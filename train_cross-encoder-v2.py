@@ -32,8 +32,16 @@ from datasets import Dataset
 from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
 from sentence_transformers.cross_encoder.losses import MarginMSELoss, MSELoss
 
-import evaluate
-import msmarco_data as md
+from msmarco.config import script_config
+from msmarco.data import MSMarco, distinct_ids, id_dataset
+from msmarco.distributed import is_main_process, main_process_first, split_work
+from msmarco.errors import user_errors
+from msmarco.evaluation import (RerankEvaluator, candidate_order_run, cross_encoder_run, load_rerank_set,
+                                rerank_metrics)
+from msmarco.models import bf16_args, cross_encoder, head_bias
+from msmarco.paths import resolve_dir
+from msmarco.run import baseline_metrics, metric_history, report, save_model, start_run, teacher_description
+from msmarco.sampling import shuffled_batches
 
 
 @dataclass
@@ -70,25 +78,25 @@ SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", poo
               eval_candidates=20, eval_steps=150, logging_steps=10)
 
 
-def teacher_split(data: md.MSMarco, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+def teacher_split(data: MSMarco, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """Indices of teacher lines to train on and to hold out (all lines of `heldout_queries` random training queries)."""
     teacher = data.teacher_scores()
     n = len(teacher) if cfg.max_lines < 0 else min(cfg.max_lines, len(teacher))
     qids = np.ascontiguousarray(teacher["qid"][:n])  # one pass over the strided records, then fast passes
     rng = np.random.default_rng(cfg.seed)
-    uniq = md.distinct_ids(qids)
+    uniq = distinct_ids(qids)
     held = np.zeros(int(uniq[-1]) + 1, dtype=bool)  # held[qid]: one pass over the 40M lines, no sort
     held[rng.choice(uniq, size=min(cfg.heldout_queries, len(uniq) // 10), replace=False)] = True
     is_held = held[qids]
     return np.flatnonzero(~is_held), np.flatnonzero(is_held)  # int64 line numbers
 
 
-def training_samples(data: md.MSMarco, lines: np.ndarray, loss: str) -> Dataset:
+def training_samples(data: MSMarco, lines: np.ndarray, loss: str) -> Dataset:
     """mse: two rows per teacher line, (query, passage, score) for its positive then its negative;
     margin_mse: one row per line, (query, positive, negative, pos_score - neg_score). Texts are looked up per batch."""
     queries, collection = data.queries("train"), data.collection()
     # fail now, not mid-run, on an unknown query: every query of the lines' span (the held-out ones too)
-    queries.rows_of(md.distinct_ids(data.teacher_scores()["qid"][:int(lines[-1]) + 1] if len(lines) else []))
+    queries.rows_of(distinct_ids(data.teacher_scores()["qid"][:int(lines[-1]) + 1] if len(lines) else []))
 
     def to_text(batch):  # refers to `data`, not to the 800 MB teacher memmap: `datasets` pickles it to fingerprint it
         rec = data.teacher_scores()[np.asarray(batch["row"]) // (2 if loss == "mse" else 1)]
@@ -108,17 +116,17 @@ def training_samples(data: md.MSMarco, lines: np.ndarray, loss: str) -> Dataset:
         np.add(rows[0::2], 1, out=rows[1::2])
     else:
         rows = lines.astype(np.int32)
-    return md.id_dataset({"row": rows}, f"ce-v2-{loss}").with_transform(to_text)
+    return id_dataset({"row": rows}, f"ce-v2-{loss}").with_transform(to_text)
 
 
-def teacher_fit(model: CrossEncoder, data: md.MSMarco, lines: np.ndarray, max_pairs: int = 2000) -> dict:
+def teacher_fit(model: CrossEncoder, data: MSMarco, lines: np.ndarray, max_pairs: int = 2000) -> dict:
     """Pearson and Spearman correlation of the student's logits with the teacher's on held-out lines."""
     rec = data.teacher_scores()[lines[:max_pairs // 2]]
     queries, collection = data.queries("train"), data.collection()
     q = [queries[int(x)] for x in rec["qid"]] * 2
     p = collection.get_many(rec["pid_pos"]) + collection.get_many(rec["pid_neg"])
     teacher = np.concatenate([rec["pos_score"], rec["neg_score"]]).astype(np.float64)
-    student = np.asarray(evaluate.split_work(  # the pairs split across the processes of a multi-GPU run
+    student = np.asarray(split_work(  # the pairs split across the processes of a multi-GPU run
         lambda part: model.predict(part, batch_size=64, show_progress_bar=False,
                                    activation_fn=torch.nn.Identity()).tolist(), list(zip(q, p))), dtype=np.float64)
     ranks = lambda x: np.argsort(np.argsort(x))
@@ -129,16 +137,16 @@ def teacher_fit(model: CrossEncoder, data: md.MSMarco, lines: np.ndarray, max_pa
 def main(cfg: Config) -> dict:
     if cfg.loss not in ("mse", "margin_mse"):
         raise SystemExit(f"--loss must be mse or margin_mse, not {cfg.loss!r}")
-    out = md.resolve_dir(cfg.output_dir)
-    checkpoint = md.start_run(cfg, out)
-    data = md.MSMarco(cfg.data_dir)
+    out = resolve_dir(cfg.output_dir)
+    checkpoint = start_run(cfg, out)
+    data = MSMarco(cfg.data_dir)
 
     # 1. Data: teacher lines (ids), held-out teacher lines, held-out dev queries with their BM25 candidates. Under
     #    torchrun the main process prepares the stores first; the others then open them.
-    with md.main_process_first():
+    with main_process_first():
         train_lines, held_lines = teacher_split(data, cfg)
         train = training_samples(data, train_lines, cfg.loss)
-        dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
+        dev = load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
     print(f"{len(train):,} training samples from {len(train_lines):,} teacher lines; "
           f"{len(held_lines):,} held-out teacher lines; {len(dev.qids)} held-out dev queries")
 
@@ -146,45 +154,46 @@ def main(cfg: Config) -> dict:
     #    returns it unsquashed, like the teacher's. The head's bias starts at the teacher's mean score (about 10 in
     #    the sample): Adam moves a bias by ~lr per step, so MSE would otherwise spend its whole run on that offset.
     torch.manual_seed(cfg.seed)
-    model = md.cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=torch.nn.Identity())
+    model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=torch.nn.Identity())
     spread = data.teacher_scores()[train_lines[::max(1, len(train_lines) // 1_000_000)]]  # ~1M lines: mean +-0.005
-    md.head_bias(model).fill_(float(spread["pos_score"].mean() + spread["neg_score"].mean()) / 2
+    head_bias(model).fill_(float(spread["pos_score"].mean() + spread["neg_score"].mean()) / 2
                            if cfg.loss == "mse" else 0.0)
 
     # 3. Loss: MSE on the raw logit, or MarginMSE on the pos-neg difference.
     loss = MSELoss(model) if cfg.loss == "mse" else MarginMSELoss(model)
 
     # 4. Evaluation before training: the BM25 order and the untrained student.
-    evaluator = evaluate.RerankEvaluator(dev, evaluate.cross_encoder_run)
-    baselines = md.baseline_metrics(out, lambda: {
-        "bm25": evaluate.rerank_metrics(evaluate.candidate_order_run(dev), dev), "untrained": evaluator.metrics(model),
+    evaluator = RerankEvaluator(dev, cross_encoder_run)
+    baselines = baseline_metrics(out, lambda: {
+        "bm25": rerank_metrics(candidate_order_run(dev), dev), "untrained": evaluator.metrics(model),
         "untrained_fit": teacher_fit(model, data, held_lines)})
 
     # 5. Trainer: HF Trainer machinery (checkpoints, resume, best model by dev MRR@10, DDP under torchrun).
     args = CrossEncoderTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, **md.bf16_args(cfg.bf16), seed=cfg.seed, batch_sampler=md.shuffled_batches,
+        weight_decay=cfg.weight_decay, **bf16_args(cfg.bf16), seed=cfg.seed, batch_sampler=shuffled_batches,
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{evaluator.name}_MRR@10", logging_steps=cfg.logging_steps,
         report_to="none", ddp_find_unused_parameters=False)
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
-                                  callbacks=[md.metric_history(out / "metrics.jsonl")])
+                                  callbacks=[metric_history(out / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # 6. Save the best student where stock CrossEncoder(path) loads it; evaluate that saved model (ranking and
     #    teacher fit).
-    student = CrossEncoder(str(md.save_model(trainer, model, out)))
+    student = CrossEncoder(str(save_model(trainer, model, out)))
     results = {**baselines, "trained": evaluator.metrics(student), "trained_fit": teacher_fit(student, data, held_lines),
-               "eval_queries": len(dev.qids), "data_dir": str(data.dir), "teacher": md.teacher_description(data.dir)}
-    md.report(trainer, out, results, f"Reranking {len(dev.qids)} held-out dev queries; teacher: {results['teacher']}")
+               "eval_queries": len(dev.qids), "data_dir": str(data.dir), "teacher": teacher_description(data.dir)}
+    report(trainer, out, results, f"Reranking {len(dev.qids)} held-out dev queries; teacher: {results['teacher']}")
     before, after = results["untrained_fit"], results["trained_fit"]
-    if md.is_main_process():
+    if is_main_process():
         print(f"student vs teacher on {after['pairs']} held-out pairs: Pearson {before['pearson']:.3f} -> "
               f"{after['pearson']:.3f}, Spearman {before['spearman']:.3f} -> {after['spearman']:.3f}")
     return results
 
 
 if __name__ == "__main__":
-    main(md.script_config(Config(), SAMPLE))
+    with user_errors():
+        main(script_config(Config(), SAMPLE))

@@ -3,10 +3,10 @@
     python benchmarks/bench_prepare.py [--factor 0.01 0.1] [--dir FOLDER] [--keep]
 
 For each factor: generate the sources (benchmarks/generate_synthetic.py) into a temporary folder (or
---dir/factor-F), then run every preparation stage of msmarco_data.MSMarco in a FRESH subprocess, so that the
+--dir/factor-F), then run every preparation stage of msmarco.data.MSMarco in a FRESH subprocess, so that the
 peak RSS (the child's own ru_maxrss) belongs to that stage alone: collection, ce_scores, teacher,
 hard_negatives, triples(max_rows=None); then a "second start" that opens every prepared store and does 1,000
-random lookups in each. A child that only imports msmarco_data and numpy gives the baseline RSS. At the
+random lookups in each. A child that only imports msmarco.data and numpy gives the baseline RSS. At the
 smallest factor, a child that does what the classic scripts did, pickle.load(gzip.open(score pickle)), is
 measured for comparison. The last table extrapolates linearly to factor 1.0 (an extrapolation, not a
 measurement). Peak RSS is the child's VmHWM (/proc/self/status), not ru_maxrss: Linux copies the
@@ -56,14 +56,14 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 t_start = time.time()
 import numpy as np
-import msmarco_data as md
+from msmarco import data, sources
 t_import = time.time() - t_start
 out = {"import_s": round(t_import, 3)}
 # the synthetic qidpidtriples file is scaled down (20M * factor lines), so lift its published-size check
 import dataclasses
 _t = "qidpidtriples.train.full.2.tsv.gz"
-md.SOURCES[_t] = dataclasses.replace(md.SOURCES[_t], size=None)
-m = md.MSMarco(data_dir)
+sources.SOURCES[_t] = dataclasses.replace(sources.SOURCES[_t], size=None)
+m = data.MSMarco(data_dir)
 t0 = time.time()
 if stage == "baseline":
     rows = 0
@@ -125,12 +125,12 @@ print("RESULT " + json.dumps(out), flush=True)
 SCRIPT_CHILD = r"""
 import dataclasses, importlib.util, json, sys, time
 marks = {"launch": launch_time, "imports_start": time.time()}
-import msmarco_data as md
+from msmarco import config, run, sources
 import transformers
 # the synthetic files have other sizes than the published downloads: lift the size/md5 checks (nothing downloads)
-for k, v in list(md.SOURCES.items()):
-    md.SOURCES[k] = dataclasses.replace(v, size=None, md5=None)
-_start, _base = md.start_run, md.baseline_metrics
+for k, v in list(sources.SOURCES.items()):
+    sources.SOURCES[k] = dataclasses.replace(v, size=None, md5=None)
+_start, _base = run.start_run, run.baseline_metrics
 
 def start_run(*a, **k):
     marks["start_run"] = time.time()
@@ -155,13 +155,13 @@ def training_step(self, *a, **k):  # the first batch is built; stop before the f
     marks["first_step"] = time.time()
     raise FirstStep
 
-md.start_run, md.baseline_metrics = start_run, baseline_metrics
+run.start_run, run.baseline_metrics = start_run, baseline_metrics
 transformers.Trainer.training_step = training_step
 spec = importlib.util.spec_from_file_location(script.replace("-", "_"), f"{script}.py")
 mod = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = mod
 spec.loader.exec_module(mod)
-cfg = md.parse_cli(mod.Config(), [f"--data_dir={data_dir}", "--model_name=offline:all-MiniLM-L6-v2",
+cfg = config.parse_cli(mod.Config(), [f"--data_dir={data_dir}", "--model_name=offline:all-MiniLM-L6-v2",
                                   f"--output_dir={out_dir}", "--resume=false", "--eval_queries=20",
                                   "--eval_candidates=20", *extra])
 try:
@@ -258,7 +258,7 @@ def bench_factor(factor: float, root: Path, with_pickle: bool, scripts: bool = T
     base = run_child("baseline", folder)
     res["baseline"] = base
     b = base["maxrss_mib"]
-    print(f"import baseline (python + numpy + msmarco_data): {b:.1f} MiB peak RSS, import {base['import_s']} s")
+    print(f"import baseline (python + numpy + msmarco.data): {b:.1f} MiB peak RSS, import {base['import_s']} s")
     print(HEADER)
     for st in STAGES + ["second_start"] + (["pickle_load"] if with_pickle else []):
         r = run_child(st, folder)

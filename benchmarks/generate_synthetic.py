@@ -4,10 +4,10 @@
 
 `--factor 1.0` gives the real sizes: 8,841,823 passages, ~502,939 training queries with ~320 cross-encoder
 scores each (~160M entries), 40M teacher lines, one hard-negatives line per query (13 systems, up to 50
-negatives each). The folder it writes works as an `msmarco_data.MSMarco` data folder: the files are present,
+negatives each). The folder it writes works as an `msmarco.data.MSMarco` data folder: the files are present,
 so nothing is downloaded.
 
-Files (names as in msmarco_data.SOURCES):
+Files (names as in msmarco.sources.SOURCES):
   collection.tar.gz               member collection.tsv, `pid \\t passage`, pids 0..N-1; random words with a
                                   long-tailed length distribution (mean ~330 bytes, ~58 words, at most ~1,700
                                   bytes), ~10% of passages carry the real collection's double-encoded UTF-8

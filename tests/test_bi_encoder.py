@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-import msmarco_data as md
+from msmarco import config, data, paths, stores
+from msmarco.data import MSMarco
 from test_scripts import load, tiny_config
 
 bi = load("train_bi-encoder-v2")
@@ -55,10 +56,10 @@ def test_filter_on_the_sample_matches_a_plain_dict_reading(tmp_path):
     import json
     import pickle
     _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
-    positives, negatives = bi.training_queries(md.MSMarco(cfg.data_dir), cfg)
-    ce = pickle.load(gzip.open(md.SAMPLE_DIR / "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz"))
+    positives, negatives = bi.training_queries(MSMarco(cfg.data_dir), cfg)
+    ce = pickle.load(gzip.open(paths.SAMPLE_DIR / "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz"))
     expected = {}
-    for line in gzip.open(md.SAMPLE_DIR / "msmarco-hard-negatives.jsonl.gz", "rt"):
+    for line in gzip.open(paths.SAMPLE_DIR / "msmarco-hard-negatives.jsonl.gz", "rt"):
         rec = json.loads(line)
         threshold = min(ce[rec["qid"]][p] for p in rec["pos"]) - cfg.ce_margin
         negs = []
@@ -81,22 +82,22 @@ def test_filter_on_the_sample_matches_a_plain_dict_reading(tmp_path):
 def test_filtered_negatives_are_built_once_per_setting(tmp_path):
     """The filter's result is a store: a second call opens it, and a new margin gets its own."""
     _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
-    data = md.MSMarco(cfg.data_dir)
+    data = MSMarco(cfg.data_dir)
     first = bi.training_queries(data, cfg)[1]
-    stores = sorted(p.name for p in (data.dir / md.PREPARED).glob("bi-encoder-negatives-*") if p.is_dir())
-    folder = data.dir / md.PREPARED / stores[0]
+    stores = sorted(p.name for p in (data.dir / paths.PREPARED).glob("bi-encoder-negatives-*") if p.is_dir())
+    folder = data.dir / paths.PREPARED / stores[0]
     mtime = (folder / "meta.json").stat().st_mtime_ns
     again = bi.training_queries(data, cfg)[1]
     assert (folder / "meta.json").stat().st_mtime_ns == mtime  # opened, not rebuilt
     np.testing.assert_array_equal(first.values, again.values)
-    looser = bi.training_queries(data, md.parse_cli(cfg, ["--ce_margin=0.5"]))[1]
+    looser = bi.training_queries(data, config.parse_cli(cfg, ["--ce_margin=0.5"]))[1]
     assert len(looser.values) > len(first.values)
-    assert len({p.name for p in (data.dir / md.PREPARED).glob("bi-encoder-negatives-*") if p.is_dir()}) >= 2
+    assert len({p.name for p in (data.dir / paths.PREPARED).glob("bi-encoder-negatives-*") if p.is_dir()}) >= 2
 
-def grouped(groups: dict[int, list[int]]) -> md.Grouped:
+def grouped(groups: dict[int, list[int]]) -> stores.Grouped:
     qids = sorted(groups)
     ptr = np.cumsum([0] + [len(groups[q]) for q in qids])
-    return md.Grouped.from_arrays(np.array(qids), ptr, np.concatenate([groups[q] for q in qids]))
+    return stores.Grouped.from_arrays(np.array(qids), ptr, np.concatenate([groups[q] for q in qids]))
 
 
 def test_rotation_gives_each_epoch_the_next_positive_and_negative():
@@ -116,7 +117,7 @@ def test_rotation_gives_each_epoch_the_next_positive_and_negative():
 
 def test_shuffle_within_groups_keeps_each_group():
     ptr, values = np.array([0, 3, 3, 8]), np.arange(8)
-    out = md.shuffle_within_groups(ptr, values, np.random.default_rng(0))
+    out = data.shuffle_within_groups(ptr, values, np.random.default_rng(0))
     assert [sorted(out[a:b].tolist()) for a, b in zip(ptr[:-1], ptr[1:])] == [[0, 1, 2], [], [3, 4, 5, 6, 7]]
     assert out.tolist() != values.tolist()
 
@@ -125,7 +126,7 @@ def test_resumed_sampler_replays_the_same_batches(tmp_path):
     """HF Trainer resumes an epoch by re-creating the batch sampler and skipping the batches already done:
     the same seed and epoch must give the same batches, drawn from that epoch's rows only."""
     _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
-    data = md.MSMarco(cfg.data_dir)
+    data = MSMarco(cfg.data_dir)
     positives, negatives = bi.training_queries(data, cfg)
     n = len(positives)
     ds = bi.training_triplets(data, bi.rotation(positives, negatives, 3, cfg.seed))
@@ -147,7 +148,7 @@ def test_resumed_sampler_replays_the_same_batches(tmp_path):
 
 def test_bm25_triples_source_groups_the_triples_by_query(tmp_path):
     _, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--negatives=triples", "--max_triples=500")
-    data = md.MSMarco(cfg.data_dir)
+    data = MSMarco(cfg.data_dir)
     positives, negatives = bi.training_queries(data, cfg)
     expected: dict[int, tuple[set, set]] = {}
     for q, p, n in np.asarray(data.triples(500)).tolist():
@@ -155,7 +156,7 @@ def test_bm25_triples_source_groups_the_triples_by_query(tmp_path):
         expected[q][1].add(n)
     assert {q: (set(p.tolist()), set(negatives[q].tolist())) for q, p in positives.items()} == expected
     with pytest.raises(SystemExit, match="--negatives must be hard or triples"):
-        bi.training_queries(data, md.parse_cli(cfg, ["--negatives=bm25"]))
+        bi.training_queries(data, config.parse_cli(cfg, ["--negatives=bm25"]))
 
 
 def test_two_processes_split_each_epoch_between_them(tmp_path):
@@ -164,7 +165,7 @@ def test_two_processes_split_each_epoch_between_them(tmp_path):
     process's batches are the same on every run."""
     from accelerate.data_loader import BatchSamplerShard
     _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
-    data = md.MSMarco(cfg.data_dir)
+    data = MSMarco(cfg.data_dir)
     positives, negatives = bi.training_queries(data, cfg)
     n = len(positives)
     ds = bi.training_triplets(data, bi.rotation(positives, negatives, 2, cfg.seed))

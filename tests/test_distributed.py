@@ -9,9 +9,9 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import evaluate
-import msmarco_data as md
 from conftest import ROOT
+from msmarco import distributed, evaluation, paths
+from msmarco.data import MSMarco
 
 
 def _free_port() -> int:
@@ -24,14 +24,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        squares = evaluate.split_work(lambda xs: [x * x for x in xs], list(range(11)))
-        with md.main_process_first():  # the main process writes first, the others then see its file
+        squares = distributed.split_work(lambda xs: [x * x for x in xs], list(range(11)))
+        with distributed.main_process_first():  # the main process writes first, the others then see its file
             marker = os.path.join(out_dir, "first")
             seen = os.path.exists(marker)
-            if md.is_main_process():
+            if distributed.is_main_process():
                 open(marker, "w").write("0")
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"squares": squares, "saw_main_first": seen, "group": md.process_group()}, f)
+            json.dump({"squares": squares, "saw_main_first": seen, "group": distributed.process_group()}, f)
     finally:
         dist.destroy_process_group()
 
@@ -42,7 +42,7 @@ def test_work_is_split_and_gathered_in_order_and_the_main_process_goes_first(tmp
     assert all(r["squares"] == [x * x for x in range(11)] for r in res)  # every process gets the whole result
     assert [r["saw_main_first"] for r in res] == [False, True, True]
     assert [r["group"] for r in res] == [[0, 3], [1, 3], [2, 3]]
-    assert md.process_group() == (0, 1) and evaluate.split_work(lambda xs: xs, [1, 2]) == [1, 2]  # alone: no-ops
+    assert distributed.process_group() == (0, 1) and distributed.split_work(lambda xs: xs, [1, 2]) == [1, 2]  # alone: no-ops
 
 
 def test_torchrun_two_processes_train_evaluate_and_save_one_model(tmp_path):
@@ -70,7 +70,7 @@ def test_torchrun_two_processes_train_evaluate_and_save_one_model(tmp_path):
     assert json.loads((out / "config.json").read_text())["batch_size"] == 4
     # the baselines were computed across both processes; one process alone gets the same numbers
     from sentence_transformers import SentenceTransformer
-    data = md.MSMarco(md.SAMPLE_DIR)
-    dev = evaluate.load_rerank_set(data, "dev", 6, 6, seed=12)
+    data = MSMarco(paths.SAMPLE_DIR)
+    dev = evaluation.load_rerank_set(data, "dev", 6, 6, seed=12)
     trained = SentenceTransformer(str(out / "model"))
-    assert evaluate.RerankEvaluator(dev, evaluate.bi_encoder_run).metrics(trained) == pytest.approx(res["trained"])
+    assert evaluation.RerankEvaluator(dev, evaluation.bi_encoder_run).metrics(trained) == pytest.approx(res["trained"])

@@ -3,7 +3,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msmarco_data import download, DownloadError  # noqa: E402
+from msmarco.errors import DownloadError  # noqa: E402
+from msmarco.sources import download  # noqa: E402
 
 import hashlib  # noqa: E402
 import os  # noqa: E402

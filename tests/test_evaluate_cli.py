@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 import evaluate
-import msmarco_data as md
+from msmarco import config, evaluation, metrics, paths
+from msmarco.models import offline_base_model
+from msmarco.data import MSMarco
 
-SAMPLE = md.SAMPLE_DIR
+SAMPLE = paths.SAMPLE_DIR
 DEV_MEASURES = {"MRR@10": "RR@10", "R@100": "R@100", "R@1000": "R@1000"}
 DL_MEASURES = {"nDCG@10": "nDCG@10", "MRR@10": "RR(rel=2)@10", "R@100": "R(rel=2)@100", "R@1000": "R(rel=2)@1000"}
 QRELS = {"dev": SAMPLE / "qrels.dev.small.tsv", "dl2020": SAMPLE / "2020qrels-pass.txt"}
@@ -30,7 +32,7 @@ def _one_layer(encoder_module) -> None:
 def models(tmp_path_factory):
     from sentence_transformers import CrossEncoder, SentenceTransformer
     root = tmp_path_factory.mktemp("models")
-    base = md.offline_base_model()
+    base = offline_base_model()
     bi = SentenceTransformer(base, device="cpu")
     _one_layer(bi[0].auto_model)
     bi.max_seq_length = 32
@@ -51,7 +53,7 @@ def _cfg(model, out, **kw):
 @pytest.fixture(scope="session")
 def bi_eval(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_bi")
-    root = SAMPLE / md.PREPARED / "embeddings"
+    root = SAMPLE / paths.PREPARED / "embeddings"
     before = set(root.glob("*"))
     report = evaluate.main(_cfg(models["bi"], out))
     yield out, report
@@ -125,7 +127,7 @@ class _Head:
 def test_interrupted_encoding_resumes(models, tmp_path):
     from sentence_transformers import SentenceTransformer
     model = SentenceTransformer(str(models["bi"]), device="cpu")
-    coll = _Head(md.MSMarco(SAMPLE).collection(), 300)
+    coll = _Head(MSMarco(SAMPLE).collection(), 300)
     real, calls, crash = model.encode_document, [], True
 
     def crash_on_third_chunk(texts, **kw):
@@ -135,28 +137,28 @@ def test_interrupted_encoding_resumes(models, tmp_path):
         return real(texts, **kw)
     model.encode_document = crash_on_third_chunk
     with pytest.raises(RuntimeError, match="simulated crash"):
-        evaluate.encode_collection(model, coll, tmp_path / "cache", batch_size=16, chunk=64, progress=False)
+        evaluation.encode_collection(model, coll, tmp_path / "cache", batch_size=16, chunk=64, progress=False)
     assert json.loads((tmp_path / "cache" / "done.json").read_text()) == {"done_rows": 128}
     calls.clear()
     crash = False
-    resumed = evaluate.encode_collection(model, coll, tmp_path / "cache", batch_size=16, chunk=64, progress=False)
+    resumed = evaluation.encode_collection(model, coll, tmp_path / "cache", batch_size=16, chunk=64, progress=False)
     assert calls == [64, 64, 44]  # rows 128-299 only: the chunks not yet done
     model.encode_document = real
-    fresh = evaluate.encode_collection(model, coll, tmp_path / "fresh", batch_size=16, chunk=64, progress=False)
+    fresh = evaluation.encode_collection(model, coll, tmp_path / "fresh", batch_size=16, chunk=64, progress=False)
     assert resumed.shape == (300, 384) and resumed.dtype == np.float16
     np.testing.assert_array_equal(resumed, fresh)
     # the cached search gives the uncached one's ranking
     q = ["what is a bank", "how long do cats sleep"]
-    a = evaluate.dense_retrieval_run(model, q, [1, 2], coll, k=5, batch_size=16, chunk=64, cache_dir=tmp_path / "cache")
-    b = evaluate.dense_retrieval_run(model, q, [1, 2], coll, k=5, batch_size=16, chunk=64)
-    assert {k: evaluate.rank(v) for k, v in a.items()} == {k: evaluate.rank(v) for k, v in b.items()}
+    a = evaluation.dense_retrieval_run(model, q, [1, 2], coll, k=5, batch_size=16, chunk=64, cache_dir=tmp_path / "cache")
+    b = evaluation.dense_retrieval_run(model, q, [1, 2], coll, k=5, batch_size=16, chunk=64)
+    assert {k: metrics.rank(v) for k, v in a.items()} == {k: metrics.rank(v) for k, v in b.items()}
     # two processes of a multi-GPU run each search a share of the rows; their merged top k is the whole search's
-    shares = [evaluate.dense_retrieval_run(model, q, [1, 2], coll, k=5, batch_size=16, chunk=64, rows=r)
+    shares = [evaluation.dense_retrieval_run(model, q, [1, 2], coll, k=5, batch_size=16, chunk=64, rows=r)
               for r in (range(0, 150), range(150, 300))]
-    merged = evaluate.merge_top_k(shares, 5)
-    assert {k: evaluate.rank(v) for k, v in merged.items()} == {k: evaluate.rank(v) for k, v in b.items()}
+    merged = evaluation.merge_top_k(shares, 5)
+    assert {k: metrics.rank(v) for k, v in merged.items()} == {k: metrics.rank(v) for k, v in b.items()}
     assert all(merged[k] == pytest.approx(b[k], abs=1e-5) for k in b)
-    tiny = evaluate.dense_retrieval_run(model, q, [1, 2], coll, k=5, rows=range(0, 3))  # a share smaller than k
+    tiny = evaluation.dense_retrieval_run(model, q, [1, 2], coll, k=5, rows=range(0, 3))  # a share smaller than k
     assert all(len(v) == 3 for v in tiny.values())
 
 
@@ -186,7 +188,7 @@ def test_cross_encoder_reranks_a_run_folder(models, bi_eval, tmp_path):
 def test_model_detection_and_errors(models, tmp_path):
     assert evaluate.model_kind(models["bi"]) == "bi-encoder"
     assert evaluate.model_kind(models["ce"]) == "cross-encoder"
-    assert evaluate.model_kind(md.offline_base_model()) == "bi-encoder"  # saved by sentence-transformers 2
+    assert evaluate.model_kind(offline_base_model()) == "bi-encoder"  # saved by sentence-transformers 2
     with pytest.raises(SystemExit, match="neither"):
         evaluate.model_kind(models["plain"])
     with pytest.raises(SystemExit, match="--model="):
@@ -195,11 +197,11 @@ def test_model_detection_and_errors(models, tmp_path):
         evaluate.main(evaluate.Config(model=str(models["bi"]), splits=("dl2021",)))
     with pytest.raises(SystemExit, match="run_file"):
         evaluate.main(_cfg(models["bi"], tmp_path, run_file="x.run"))
-    assert md.parse_cli(evaluate.Config(), ["--model=m", "--splits=dev,dl2020"]).splits == ("dev", "dl2020")
+    assert config.parse_cli(evaluate.Config(), ["--model=m", "--splits=dev,dl2020"]).splits == ("dev", "dl2020")
 
 
 def test_readme_snippet_runs(models, capsys):
-    readme = (md.REPO / "README.md").read_text()
+    readme = (paths.REPO / "README.md").read_text()
     section = readme.split("## Evaluate a saved model", 1)[1].split("\n## ", 1)[0]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     code, n = re.subn(r'^bi_encoder_path = ".*"$', f'bi_encoder_path = "{models["bi"]}"', code, flags=re.M)

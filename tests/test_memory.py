@@ -5,7 +5,7 @@ each in a fresh subprocess; the larger one's peak RSS growth (over the same proc
 stay within TOLERANCE_MIB of the smaller one's. A loader that builds Python objects per row (pickle.load of
 the score dict, a list of teacher rows) would grow by hundreds of MiB between the two sizes.
 
-Sizes: the teacher reader (msmarco_data.iter_int_rows) parses chunks of 40 MB of text (~1M lines) and keeps
+Sizes: the teacher reader (formats.iter_int_rows) parses chunks of 40 MB of text (~1M lines) and keeps
 the previous chunk's lines and tokens alive while it reads the next, so its peak is reached only after two
 full chunks (~2M lines, ~630 MiB). With 0.3M and 1.2M lines at the default chunk size the comparison would
 measure how full the first chunks are, not scaling; the child therefore sets a 65k-line chunk (an argument
@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import generate_synthetic as gen  # noqa: E402
-import msmarco_data as md  # noqa: E402
+from msmarco import score_pickle, stores  # noqa: E402
 
 TOLERANCE_MIB = 40
 TEACHER_CHUNK_LINES = 1 << 16  # iter_int_rows parses 65k-line chunks here (default 1M): 0.3M lines = 4.6 chunks
@@ -39,20 +39,20 @@ CHILD = r"""
 import json, sys, time
 from pathlib import Path
 import numpy as np
-import msmarco_data as md
+from msmarco import formats, stores
 
 def hwm_kib():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
 
 kind, src, dst, chunk_lines = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 if chunk_lines:  # smaller parse chunks, so that both test sizes span many chunks (see the module doc)
-    d = list(md.iter_int_rows.__defaults__)
+    d = list(formats.iter_int_rows.__defaults__)
     d[0] = chunk_lines
-    md.iter_int_rows.__defaults__ = tuple(d)
+    formats.iter_int_rows.__defaults__ = tuple(d)
 base = hwm_kib()
 t = time.time()
 dst.mkdir(parents=True)
-info = md.ScoreStore.build(dst, src, None) if kind == "scores" else md.build_teacher(dst, src, None)
+info = stores.ScoreStore.build(dst, src, None) if kind == "scores" else stores.build_teacher(dst, src, None)
 print(json.dumps({"base_kib": base, "peak_kib": hwm_kib(), "seconds": time.time() - t, "info": info}))
 """
 
@@ -82,7 +82,7 @@ def test_score_pickle_memory_does_not_grow(tmp_path):
         assert r["info"]["scores"] == info["rows"] and r["info"]["queries"] == info["queries"]
         runs[n] = r
         # the store returns what the generator wrote, for random (qid, pid)
-        store = md.ScoreStore(tmp_path / f"store{n}")
+        store = stores.ScoreStore(tmp_path / f"store{n}")
         rng = np.random.default_rng(0)
         for q, ptr, pids, scores in chunks():
             for j in rng.choice(len(q), 3, replace=False):
@@ -106,7 +106,7 @@ def test_teacher_memory_does_not_grow(tmp_path):
         r = _prepare("teacher", src, tmp_path / f"store{n}", chunk_lines=TEACHER_CHUNK_LINES)
         assert r["info"]["rows"] == n
         runs[n] = r
-        arr = md.load_array(tmp_path / f"store{n}", "teacher.bin", np.uint8).view(md.TEACHER_DTYPE)
+        arr = stores.load_array(tmp_path / f"store{n}", "teacher.bin", np.uint8).view(stores.TEACHER_DTYPE)
         rng = np.random.default_rng(0)
         for first, a in gen.iter_teacher_chunks(n, N_PASSAGES, seed=n):
             for i in rng.integers(0, len(a), 5):
@@ -151,5 +151,5 @@ def test_streaming_pickle_writer_matches_pickle(counts, framing, tmp_path):
     src = tmp_path / "s.pkl"
     src.write_bytes(b)
     got = {}
-    n = md.stream_score_pickle(src, lambda q, p, s: got.__setitem__(q, dict(zip(p, s))))
+    n = score_pickle.stream_score_pickle(src, lambda q, p, s: got.__setitem__(q, dict(zip(p, s))))
     assert n == sum(1 for c in counts) and got == d

@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate import (evaluate_run, mrr_at_k, ndcg_at_k, rank, read_qrels, read_trec_run, recall_at_k, write_trec_run)  # noqa: E402
+from msmarco.metrics import (evaluate_run, mrr_at_k, ndcg_at_k, rank, read_qrels, read_trec_run, recall_at_k, write_trec_run)  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "msmarco-sample"
 DL20_QRELS = SAMPLE / "qrels.dl20.txt"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
-import msmarco_data as md
 from conftest import ROOT
+from msmarco import config, errors, evaluation, paths
+from msmarco.data import MSMarco
 
 SCRIPTS = ["train_cross-encoder-v1", "train_cross-encoder-v2", "train_bi-encoder-v2"]
 
@@ -34,17 +34,17 @@ TINY_LEN = {"train_cross-encoder-v1": ["--max_length=48"], "train_cross-encoder-
 
 def tiny_config(name: str, out, *extra: str):
     mod = load(name)
-    return mod, md.script_config(mod.Config(), mod.SAMPLE, TINY + TINY_LEN[name] + [f"--output_dir={out}", *extra])
+    return mod, config.script_config(mod.Config(), mod.SAMPLE, TINY + TINY_LEN[name] + [f"--output_dir={out}", *extra])
 
 
 def rerun_metrics(name: str, model_dir, cfg) -> dict:
     """Metrics of the saved model, loaded with stock sentence-transformers, on the script's held-out set."""
     from sentence_transformers import CrossEncoder, SentenceTransformer
-    data = md.MSMarco(cfg.data_dir)
-    dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
+    data = MSMarco(cfg.data_dir)
+    dev = evaluation.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
     if name.startswith("train_bi"):
-        return evaluate.rerank_metrics(evaluate.bi_encoder_run(SentenceTransformer(str(model_dir)), dev), dev)
-    return evaluate.rerank_metrics(evaluate.cross_encoder_run(CrossEncoder(str(model_dir)), dev), dev)
+        return evaluation.rerank_metrics(evaluation.bi_encoder_run(SentenceTransformer(str(model_dir)), dev), dev)
+    return evaluation.rerank_metrics(evaluation.cross_encoder_run(CrossEncoder(str(model_dir)), dev), dev)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -63,9 +63,9 @@ def test_trains_evaluates_saves_and_reloads(name, tmp_path):
     for key in ("bm25", "untrained", "trained"):
         assert 0.0 <= res[key]["MRR@10"] <= 1.0
     # the bm25 baseline is the candidate order, scored by the shared metrics
-    data = md.MSMarco(cfg.data_dir)
-    dev = evaluate.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
-    assert res["bm25"] == evaluate.rerank_metrics(evaluate.candidate_order_run(dev), dev)
+    data = MSMarco(cfg.data_dir)
+    dev = evaluation.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
+    assert res["bm25"] == evaluation.rerank_metrics(evaluation.candidate_order_run(dev), dev)
     # the saved model is the one the script evaluated, and loads with stock sentence-transformers
     assert rerun_metrics(name, out / "model", cfg) == pytest.approx(res["trained"], abs=1e-9)
 
@@ -103,9 +103,9 @@ def load_state(name, model_dir):
 def test_bad_config_values_are_clear_errors(name, tmp_path):
     mod = load(name)
     with pytest.raises(SystemExit, match="--lr takes a float"):
-        md.script_config(mod.Config(), mod.SAMPLE, ["--lr=fast"])
+        config.script_config(mod.Config(), mod.SAMPLE, ["--lr=fast"])
     with pytest.raises(SystemExit, match="unknown option --learning_rate(.|\n)*--lr="):
-        md.script_config(mod.Config(), mod.SAMPLE, ["--learning_rate=1e-5"])
+        config.script_config(mod.Config(), mod.SAMPLE, ["--learning_rate=1e-5"])
 
 
 def test_bad_choice_values_are_clear_errors(tmp_path):
@@ -125,11 +125,11 @@ def test_bad_choice_values_are_clear_errors(tmp_path):
                                           ("train_bi-encoder-v2", "msmarco-hard-negatives.jsonl.gz")])
 def test_missing_data_file_is_a_clear_error(name, missing, tmp_path, monkeypatch):
     copy = tmp_path / "sample"
-    shutil.copytree(md.SAMPLE_DIR, copy, ignore=shutil.ignore_patterns(md.PREPARED))
+    shutil.copytree(paths.SAMPLE_DIR, copy, ignore=shutil.ignore_patterns(paths.PREPARED))
     (copy / missing).unlink()
-    monkeypatch.setattr(md, "SAMPLE_DIR", copy)  # a bundled-sample folder: missing files are not downloaded
+    monkeypatch.setattr(paths, "SAMPLE_DIR", copy)  # a bundled-sample folder: missing files are not downloaded
     mod, cfg = tiny_config(name, tmp_path / "out", f"--data_dir={copy}")
-    with pytest.raises(md.DataError, match=f"{missing} is missing from the bundled sample"):
+    with pytest.raises(errors.DataError, match=f"{missing} is missing from the bundled sample"):
         mod.main(cfg)
 
 
@@ -155,7 +155,7 @@ def test_v2_margin_mse_trains(tmp_path):
 
 def test_v2_teacher_samples_are_the_teacher_lines(tmp_path):
     mod, cfg = tiny_config("train_cross-encoder-v2", tmp_path, "--max_lines=-1")
-    data = md.MSMarco(cfg.data_dir)
+    data = MSMarco(cfg.data_dir)
     train_lines, held = mod.teacher_split(data, cfg)
     teacher = data.teacher_scores()
     assert len(np.intersect1d(teacher["qid"][train_lines], teacher["qid"][held])) == 0
@@ -173,7 +173,7 @@ def test_v2_teacher_samples_are_the_teacher_lines(tmp_path):
 
 def test_v1_pairs_follow_the_negative_ratio(tmp_path):
     mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--neg_per_pos=4", "--max_pairs=50")
-    data = md.MSMarco(cfg.data_dir)
+    data = MSMarco(cfg.data_dir)
     ds = mod.training_pairs(data, cfg)
     labels = [ds[i]["label"] for i in range(len(ds))]
     assert len(ds) == 50 and labels.count(1.0) == 10 and labels[0] == 1.0 and labels[1:5] == [0.0] * 4
@@ -184,22 +184,10 @@ def test_v1_pairs_follow_the_negative_ratio(tmp_path):
 
 def test_v1_pairs_put_each_positive_just_before_its_triples_negative(tmp_path):
     mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--neg_per_pos=3", "--max_pairs=400")
-    data = md.MSMarco(cfg.data_dir)
+    data = MSMarco(cfg.data_dir)
     table = mod.training_pairs(data, cfg).data.table
     got = list(zip(*(table.column(c).to_numpy().tolist() for c in ("qid", "pid", "label"))))
     expected = []
     for i, (q, p, n) in enumerate(np.asarray(data.triples(max_rows=300)).tolist()):  # 400 * 3/4 triples
         expected += ([(q, p, 1.0)] if i % 3 == 0 else []) + [(q, n, 0.0)]
     assert got == expected
-
-
-def test_shuffled_batches_cover_each_row_once_per_epoch_and_replay_by_epoch():
-    ds = list(range(103))
-    def batches(epoch, seed=5, drop_last=False):
-        s = md.shuffled_batches(ds, batch_size=10, drop_last=drop_last, seed=seed)
-        s.set_epoch(epoch)
-        return list(s)
-    first = batches(0)
-    assert sorted(i for b in first for i in b) == ds and len(first) == 11 and [len(b) for b in first][-1] == 3
-    assert first == batches(0) and first != batches(1) and first != batches(0, seed=6)
-    assert len(batches(0, drop_last=True)) == 10 == len(md.shuffled_batches(ds, 10, True))

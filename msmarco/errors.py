@@ -1,0 +1,28 @@
+"""Errors a user can fix (a damaged or missing data file, a failed download, a bad option), each with a message
+that says what is wrong and what to do, and how a script ends on one: the message and exit code 1, no traceback.
+Any other exception is a bug and keeps its traceback."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file (and line) and what to do."""
+
+
+class DownloadError(RuntimeError):
+    """A download failed for good (dead link, retries used up, corrupt result)."""
+
+
+USER_ERRORS = (DataError, DownloadError)  # a bad --key=value already ends the script with its message (config.py)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Around a script's main: a user-fixable error ends the process with its message and exit code 1."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

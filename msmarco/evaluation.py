@@ -1,0 +1,305 @@
+"""Evaluation of models while and after they train: reranking held-out queries' candidates (cross-encoders and
+bi-encoders) and exact dense retrieval over a whole collection (bi-encoders), as sentence-transformers evaluators the
+trainers call at every eval step; under several processes the work is split and every process gets the result. Also
+the resumable fp16 embedding cache and the chunked exact top-k that evaluate.py uses at full scale."""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import numpy as np
+from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
+
+from .distributed import all_gather, process_group, split_work
+from .metrics import Qrels, Run, evaluate_run, str_qrels
+from .models import autocast
+
+if TYPE_CHECKING:
+    from .data import MSMarco
+    from .stores import TextStore
+
+
+@dataclass
+class RerankSet:
+    """Held-out queries with their candidate passages, ready to score."""
+    name: str  # e.g. "dev" or "dl2020"
+    qids: list[int]
+    queries: list[str]
+    candidates: list[np.ndarray]  # pids per query, in the candidate file's (BM25) order
+    passages: list[list[str]]
+    qrels: Qrels  # string ids, for the metrics
+    min_grade: int  # 1 for MS MARCO dev, 2 for TREC DL MRR/recall
+
+
+def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None = None,
+                    max_candidates: int | None = None, include_positives: bool = True, seed: int = 0) -> RerankSet:
+    """Dev (dev-small qrels + top1000.dev) or TREC DL ("dl2019", "dl2020") queries with their candidates.
+
+    `max_queries` takes a seeded random subset (sorted by qid for a stable order); with `include_positives`
+    judged positives missing from a query's candidates are appended after them, so a reranker can be scored
+    on them (the candidate order itself still ranks them last)."""
+    if split == "dev":
+        queries, qrels_int, cands = data.queries("dev"), data.qrels("dev"), data.dev_candidates()
+        min_grade = 1
+    elif split.startswith("dl"):
+        queries, qrels_int, cands = data.trec_dl(int(split[2:]))
+        min_grade = 2
+    else:
+        raise ValueError(f"unknown evaluation split {split!r}: use dev, dl2019 or dl2020")
+    qids = sorted(q for q in qrels_int if q in cands and any(g >= min_grade for g in qrels_int[q].values()))
+    if max_queries is not None and max_queries < len(qids):
+        rng = np.random.default_rng(seed)
+        qids = sorted(rng.choice(qids, size=max_queries, replace=False).tolist())
+    collection = data.collection()
+    texts, cand_list, passages = [], [], []
+    for q in qids:
+        pids = cands[q][:max_candidates] if max_candidates else cands[q]
+        if include_positives:
+            missing = [p for p, g in sorted(qrels_int[q].items()) if g >= min_grade and p not in set(pids.tolist())]
+            missing = [p for p in missing if p in collection]
+            pids = np.concatenate([pids, np.asarray(missing, dtype=pids.dtype)])
+        cand_list.append(pids)
+        passages.append(collection.get_many(pids))
+        texts.append(queries[q])
+    return RerankSet(split, qids, texts, cand_list, passages, str_qrels({q: qrels_int[q] for q in qids}), min_grade)
+
+
+def candidate_order_run(rs: RerankSet) -> Run:
+    """The candidates' own order (BM25 for top1000 files) as a run: score = -rank."""
+    return {str(q): {str(p): -float(i) for i, p in enumerate(pids)} for q, pids in zip(rs.qids, rs.candidates)}
+
+
+def cross_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
+    """Score every (query, candidate) pair with a CrossEncoder, as raw fp32 logits (a sigmoid, or bf16's three
+    significant digits, would tie close candidates and blur the metrics)."""
+    import torch
+    pairs = [(q, p) for q, ps in zip(rs.queries, rs.passages) for p in ps]
+    scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
+                           activation_fn=torch.nn.Identity())
+    return _split_scores(rs, np.asarray(scores, dtype=np.float64).reshape(len(pairs), -1)[:, 0])
+
+
+def bi_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
+    """Rerank the candidates by the bi-encoder's similarity (its own similarity function: cosine or dot)."""
+    flat = [p for ps in rs.passages for p in ps]
+    q_emb = model.encode_query(rs.queries, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    p_emb = model.encode_document(flat, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    owner = np.repeat(np.arange(len(rs.qids)), [len(c) for c in rs.candidates])
+    sims = model.similarity_pairwise(q_emb[owner], p_emb).float().cpu().numpy()
+    return _split_scores(rs, sims.astype(np.float64))
+
+
+def _split_scores(rs: RerankSet, scores: np.ndarray) -> Run:
+    run, i = {}, 0
+    for q, pids in zip(rs.qids, rs.candidates):
+        run[str(q)] = {str(p): float(s) for p, s in zip(pids, scores[i:i + len(pids)])}
+        i += len(pids)
+    return run
+
+
+def rerank_metrics(run: Run, rs: RerankSet) -> dict[str, float]:
+    m = evaluate_run(run, rs.qrels, min_grade=rs.min_grade, recall_ks=())
+    return {"MRR@10": m["MRR@10"], "nDCG@10": m["nDCG@10"]}
+
+
+def subset(rs: RerankSet, idx: list[int]) -> RerankSet:
+    """The queries `idx` of a RerankSet (in that order)."""
+    qids = [rs.qids[i] for i in idx]
+    return RerankSet(rs.name, qids, [rs.queries[i] for i in idx], [rs.candidates[i] for i in idx],
+                     [rs.passages[i] for i in idx], {str(q): rs.qrels.get(str(q), {}) for q in qids}, rs.min_grade)
+
+
+# Multi-GPU (torchrun, accelerate launch): every process calls the evaluators at the same time; each does its share
+
+
+def rerank_run(scorer: Callable, model, rs: RerankSet, batch_size: int = 64) -> Run:
+    """scorer(model, rs, batch_size), its queries split across the processes of a multi-GPU run."""
+    return dict(split_work(lambda idx: list(scorer(model, subset(rs, idx), batch_size).items()),
+                           list(range(len(rs.qids)))))
+
+
+class RerankEvaluator(BaseEvaluator):
+    """A sentence-transformers evaluator over a RerankSet, computed with this module's metrics;
+    its primary metric (MRR@10) picks the best checkpoint."""
+
+    def __init__(self, rs: RerankSet, scorer: Callable, batch_size: int = 64, name: str | None = None):
+        super().__init__()
+        self.rs, self.scorer, self.batch_size = rs, scorer, batch_size
+        self.name = name or rs.name
+        self.primary_metric = "MRR@10"
+
+    def metrics(self, model) -> dict[str, float]:
+        """MRR@10 and nDCG@10 of the model's reranking (names without the evaluator's prefix)."""
+        was_training = model.training
+        model.eval()
+        try:
+            return rerank_metrics(rerank_run(self.scorer, model, self.rs, self.batch_size), self.rs)
+        finally:
+            model.train(was_training)
+
+    def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+        metrics = self.prefix_name_to_metrics(self.metrics(model), self.name)
+        self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
+        return metrics
+
+
+def dense_retrieval_run(model, queries: list[str], qids: list[int], collection: "TextStore",
+                        k: int = 100, batch_size: int = 64, chunk: int = 100_000, cache_dir=None,
+                        rows: range | None = None) -> Run:
+    """Exact top-k dense retrieval over the whole collection: passages are encoded chunk by chunk and each
+    chunk's scores merged into a running top-k, so memory holds one chunk of embeddings, not 8.8M of them.
+
+    With `cache_dir` the passage embeddings are kept there instead (see `encode_collection`: fp16, memory-mapped,
+    resumable) and searched by `search_embeddings`, so a later call with the same model encodes nothing.
+    Without it, `rows` limits the search to those collection rows (one process's share of a multi-GPU run)."""
+    import torch
+    if cache_dir is not None:
+        if rows is not None:
+            raise ValueError("rows= is for the uncached search; the embedding cache covers the whole collection")
+        emb = encode_collection(model, collection, cache_dir, batch_size=batch_size, chunk=chunk)
+        q = model.encode_query(queries, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+        scores, rows = search_embeddings(model, q, emb, k)
+        pids = np.asarray(collection.ids)[rows]
+        return {str(qid): {str(p): float(v) for p, v in zip(pids[j], scores[j])} for j, qid in enumerate(qids)}
+    q = model.encode_query(queries, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    best_s = torch.full((len(queries), k), -torch.inf, device=q.device)
+    best_i = torch.zeros((len(queries), k), dtype=torch.long, device=q.device)
+    rows = range(len(collection)) if rows is None else rows
+    for lo in range(rows.start, rows.stop, chunk):
+        part = range(lo, min(lo + chunk, rows.stop))
+        p = model.encode_document([collection.text_at(r) for r in part], batch_size=batch_size,
+                                  convert_to_tensor=True, show_progress_bar=len(rows) > chunk)
+        s = model.similarity(q, p).to(best_s.dtype)
+        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, torch.arange(lo, lo + len(part), device=q.device)
+                                                     .expand(len(queries), -1)], 1)
+        best_s, pos = s.topk(min(k, s.shape[1]), dim=1)
+        best_i = i.gather(1, pos)
+    pids = np.asarray(collection.ids)[best_i.cpu().numpy()]
+    scores = best_s.float().cpu().numpy()
+    keep = np.isfinite(scores)  # a share smaller than k leaves -inf slots
+    return {str(qid): {str(p): float(v) for p, v, ok in zip(pids[j], scores[j], keep[j]) if ok}
+            for j, qid in enumerate(qids)}
+
+
+def merge_top_k(runs: Iterable[Run], k: int) -> Run:
+    """The top k of each query over several runs (the shares of a collection searched apart)."""
+    merged: dict[str, list[tuple[str, float]]] = {}
+    for run in runs:
+        for q, docs in run.items():
+            merged.setdefault(q, []).extend(docs.items())
+    return {q: dict(heapq.nlargest(k, items, key=lambda d: d[1])) for q, items in merged.items()}
+
+
+class RetrievalEvaluator(BaseEvaluator):
+    """Dense retrieval of held-out queries over the whole collection: MRR@10 and Recall@k."""
+
+    def __init__(self, rs: RerankSet, collection: "TextStore", k: int = 100, batch_size: int = 64,
+                 name: str | None = None):
+        super().__init__()
+        self.rs, self.collection, self.k, self.batch_size = rs, collection, k, batch_size
+        self.name = name or f"{rs.name}_retrieval"
+        self.primary_metric = "MRR@10"
+
+    def metrics(self, model) -> dict[str, float]:
+        """MRR@10 and R@k of retrieval from the whole collection; a multi-GPU run splits the collection
+        between its processes (each encodes and searches its share) and merges their top k."""
+        rank, world = process_group()
+        n = len(self.collection)
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast(model.device):  # encoding the collection in bf16, as fp16 caches do at scale
+                run = dense_retrieval_run(model, self.rs.queries, self.rs.qids, self.collection, self.k,
+                                          self.batch_size, rows=range(n * rank // world, n * (rank + 1) // world))
+        finally:
+            model.train(was_training)
+        if world > 1:
+            run = merge_top_k(all_gather(run), self.k)
+        m = evaluate_run(run, self.rs.qrels, min_grade=self.rs.min_grade, recall_ks=(self.k,))
+        return {"MRR@10": m["MRR@10"], f"R@{self.k}": m[f"R@{self.k}"]}
+
+    def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+        metrics = self.prefix_name_to_metrics(self.metrics(model), self.name)
+        self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
+        return metrics
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def encode_collection(model, collection: "TextStore", cache_dir, batch_size: int = 64,
+                      chunk: int = 100_000, progress: bool = True) -> np.ndarray:
+    """Passage embeddings of the whole collection (row order), as a read-only memory-mapped (n, dim) fp16 matrix.
+
+    They live in `cache_dir` (embeddings.f16, meta.json, done.json). The matrix is filled `chunk` rows at a time
+    and done.json (`done_rows`, replaced atomically) is updated only after each chunk is flushed to disk, so an
+    interrupted encoding resumes at the first unfinished chunk and a complete cache is reused as it is. Memory
+    holds one chunk of embeddings (8.8M x 768 at full scale is 13.6 GB on disk, none of it in RAM)."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    n = len(collection)
+    dim = model.get_embedding_dimension()
+    want = {"rows": n, "dim": dim, "dtype": "float16"}
+    meta_path, done_path, mat_path = cache_dir / "meta.json", cache_dir / "done.json", cache_dir / "embeddings.f16"
+    done = 0
+    if meta_path.exists() and json.loads(meta_path.read_text()) == want and mat_path.exists() \
+            and mat_path.stat().st_size == n * dim * 2 and done_path.exists():
+        done = min(int(json.loads(done_path.read_text())["done_rows"]), n)
+    else:  # a new cache, or one of another shape: start over
+        for p in (done_path, mat_path):
+            p.unlink(missing_ok=True)
+        write_json_atomic(meta_path, want)
+        write_json_atomic(done_path, {"done_rows": 0})
+    if done < n:
+        from tqdm import tqdm
+        mm = np.memmap(mat_path, dtype=np.float16, mode="r+" if mat_path.exists() else "w+", shape=(n, dim))
+        with tqdm(total=n, initial=done, unit="passage", desc="encoding collection", disable=not progress) as bar:
+            for lo in range(done, n, chunk):
+                hi = min(lo + chunk, n)
+                emb = model.encode_document([collection.text_at(r) for r in range(lo, hi)], batch_size=batch_size,
+                                            convert_to_numpy=True, show_progress_bar=False)
+                mm[lo:hi] = np.asarray(emb, dtype=np.float32).astype(np.float16)
+                mm.flush()
+                write_json_atomic(done_path, {"done_rows": hi})
+                bar.update(hi - lo)
+        del mm
+    if n == 0:
+        return np.zeros((0, dim), np.float16)
+    return np.memmap(mat_path, dtype=np.float16, mode="r", shape=(n, dim))
+
+
+def search_embeddings(model, queries, embeddings: np.ndarray, k: int, chunk: int | None = None,
+                      query_block: int = 1024, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each query over `embeddings` (rows of a possibly memory-mapped matrix) by the model's own
+    similarity: float32 matrix products of `query_block` queries x `chunk` rows on the queries' device (the GPU
+    when the model is on one), merged into a running top-k. Returns (scores float32, rows int64), (nq, k) each,
+    best first."""
+    import torch
+    from tqdm import tqdm
+    q = torch.as_tensor(queries).float()
+    dev = q.device
+    n, nq = len(embeddings), len(q)
+    k = min(k, n)
+    chunk = chunk or (262_144 if dev.type == "cuda" else 65_536)
+    best_s = torch.full((nq, k), -torch.inf, device=dev)
+    best_i = torch.zeros((nq, k), dtype=torch.long, device=dev)
+    for lo in tqdm(range(0, n, chunk), desc="searching", unit="chunk", disable=not progress):
+        hi = min(lo + chunk, n)
+        p = torch.from_numpy(np.array(embeddings[lo:hi], dtype=np.float32)).to(dev)
+        idx = torch.arange(lo, hi, device=dev)
+        for a in range(0, nq, query_block):
+            b = min(a + query_block, nq)
+            s = model.similarity(q[a:b], p).float()
+            s = torch.cat([best_s[a:b], s], 1)
+            i = torch.cat([best_i[a:b], idx.expand(b - a, -1)], 1)
+            best_s[a:b], pos = s.topk(k, dim=1)
+            best_i[a:b] = i.gather(1, pos)
+        del p
+    return best_s.cpu().numpy(), best_i.cpu().numpy()

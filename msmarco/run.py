@@ -1,0 +1,171 @@
+"""One run of a training script in output/<script>/: a fresh start or the resume of a cut run, the config saved
+beside the outputs, the metric history (metrics.jsonl) and its plot against the baselines, the atomic save of the
+best model, and the final report."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from . import paths
+from .distributed import barrier, init_distributed, is_main_process, main_process_first
+
+
+def save_config(cfg, out_dir: Path) -> Path:
+    """Write the config a run used beside its outputs, so a result can be traced to its settings."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "config.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def last_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest complete `checkpoint-N` folder, to resume a cut run with the same command."""
+    if not checkpoint_dir.is_dir():
+        return None
+    done = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def _history_callback_class():
+    from transformers import TrainerCallback
+
+    class MetricHistory(TrainerCallback):
+        """Appends every logged loss and evaluation to <out>/metrics.jsonl (one JSON object per line);
+        on resume it first drops lines past the checkpoint's step, so the history stays one run."""
+
+        def __init__(self, path: Path, extra: dict | None = None):
+            self.path, self.extra = path, extra or {}
+
+        def on_train_begin(self, args, state, control, **kw):
+            if not args.process_index == 0:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if self.path.exists():
+                kept = [ln for ln in self.path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln).get("step", 0) <= state.global_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if args.process_index == 0 and logs:
+                self.log({"step": state.global_step, "epoch": state.epoch, **logs})
+
+        def log(self, record: dict) -> None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**record, **self.extra}, default=float) + "\n")
+
+    return MetricHistory
+
+
+def metric_history(path: Path, extra: dict | None = None):
+    """A transformers TrainerCallback writing the metric history (see MetricHistory)."""
+    return _history_callback_class()(path, extra)
+
+
+def plot_history(jsonl: Path, png: Path, metric: str) -> Path | None:
+    """PNG of training loss and `metric` (e.g. eval_dev_MRR@10) over steps, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()] if jsonl.exists() else []
+    loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r[metric]) for r in rows if metric in r]
+    if not loss and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if loss:
+        ax.plot(*zip(*loss), color="tab:blue", label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals), "o-", color="tab:red", label=metric)
+        ax2.set_ylabel(metric, color="tab:red")
+    ax.set_title(png.parent.name)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def start_run(cfg, out: Path) -> str | None:
+    """Prepare output/<script>/: the checkpoint to resume from (newest complete one, if cfg.resume), else a
+    clean slate (old checkpoints and metric history removed). Writes the config beside the outputs.
+    Under a launcher it joins the process group; only the main process touches the folder."""
+    init_distributed()
+    with main_process_first():
+        checkpoint = last_checkpoint(out / "checkpoints") if cfg.resume else None
+        if is_main_process():
+            if checkpoint is None:
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+                for name in ("metrics.jsonl", "baselines.json"):
+                    (out / name).unlink(missing_ok=True)
+            else:
+                print(f"resuming from {checkpoint}")
+            save_config(cfg, out)
+    return checkpoint
+
+
+def baseline_metrics(out: Path, compute: Callable[[], dict]) -> dict:
+    """Metrics of the baselines (candidate order, untrained model), computed once per run and kept for resumes.
+    Every process calls `compute` (its evaluations are split across them); the main process writes the file."""
+    path = out / "baselines.json"
+    done = path.exists()
+    barrier()  # every process has looked before the main process may write the file (below)
+    if done:
+        return json.loads(path.read_text())
+    res = compute()
+    if is_main_process():
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 0, **{f"{k}_{m}": v for k, d in res.items() for m, v in d.items()}}) + "\n")
+        os.replace(tmp, path)
+    return res
+
+
+def teacher_description(data_dir: Path) -> str:
+    """What the teacher scores of a data folder are: the bundled sample's are not the BERT-CAT ensemble's."""
+    if paths.is_sample(data_dir):
+        return "all-MiniLM-L6-v2 cosine x 20 (the bundled sample's stand-in, see data/sample/README.md)"
+    return "BERT-CAT ensemble of Hofstaetter et al. (arXiv 2010.02666)"
+
+
+def print_table(results: dict, title: str) -> None:
+    rows = {k: v for k, v in results.items() if isinstance(v, dict) and "MRR@10" in v}
+    cols = sorted({c for v in rows.values() for c in v}, key=lambda c: (c != "MRR@10", c))
+    w = max([12, *map(len, rows)]) + 1
+    print(f"\n{title}\n{'':{w}}" + "".join(f"{c:>12}" for c in cols))
+    for name, v in rows.items():
+        print(f"{name:{w}}" + "".join(f"{v[c]:12.4f}" if c in v else f"{'':12}" for c in cols))
+
+
+def save_model(trainer, model, out: Path) -> Path:
+    """Save the (best) model atomically to out/model (the main process writes, the others wait for it).
+
+    Evaluate the saved folder, not the in-memory model: the trainer leaves the latter's forward wrapped in its
+    bf16 autocast, so only the reloaded model scores in fp32, as the baselines were and as users will load it."""
+    tmp, final = out / "model.tmp", out / "model"
+    with main_process_first():
+        if trainer.is_world_process_zero():
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(str(tmp))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # a crash before this line leaves the previous model, never half of one
+    return final
+
+
+def report(trainer, out: Path, results: dict, title: str) -> None:
+    """results.json, the metric plot and a printed table of the baselines and the trained model (main process)."""
+    if not trainer.is_world_process_zero():
+        return
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot_history(out / "metrics.jsonl", out / "metrics.png", trainer.args.metric_for_best_model)
+    print_table(results, title)

@@ -1,0 +1,100 @@
+"""The raw-format parsers (msmarco/formats.py): mojibake repair, and a malformed line anywhere in a numeric row file
+is a DataError naming the file and line, which leaves no half-built store."""
+import warnings
+
+import pytest
+
+from msmarco import errors, formats, paths
+from msmarco.data import MSMarco
+from conftest import TEACHER, TRIPLES, leftovers, rewrite_text
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("donâ\x80\x99t", "don’t"),
+    ("café", "café"),  # legit latin-1 that is not UTF-8 bytes: kept
+    ("plain ascii text", "plain ascii text"),
+    ("", ""),
+    ("194 â¦ 2-1946", "194 â¦ 2-1946"),  # partial sequence: kept
+    ("日本", "日本"),  # not latin-1 at all: kept
+    ("â\x80\x9cquoteâ\x80\x9d", "“quote”"),
+])
+def test_fix_mojibake(text, expected):
+    assert formats.fix_mojibake(text) == expected
+
+
+BAD_TEACHER_LINES = {
+    "4 fields": lambda f: b"\t".join(f[:4]),
+    "6 fields": lambda f: b"\t".join(f + [b"1"]),
+    "abc score": lambda f: b"\t".join([b"abc"] + f[1:]),
+    "negative pid": lambda f: b"\t".join(f[:3] + [b"-" + f[3]] + f[4:]),
+    "fractional qid": lambda f: b"\t".join(f[:2] + [f[2] + b".5"] + f[3:]),
+    "nan score": lambda f: b"\t".join([b"nan"] + f[1:]),
+    "empty line": lambda f: b"",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_TEACHER_LINES))
+def test_teacher_malformed_line(copy, kind):
+    src = copy / TEACHER
+    good = src.read_bytes()
+    lineno = 1_234
+
+    def edit(lines):
+        lines[lineno - 1] = BAD_TEACHER_LINES[kind](lines[lineno - 1].split(b"\t"))
+        return lines
+    rewrite_text(src, edit)
+    with pytest.raises(errors.DataError) as e:
+        MSMarco(copy).teacher_scores()
+    msg = str(e.value)
+    assert str(src) in msg
+    assert f"line {lineno}:" in msg
+    left = leftovers(copy)
+    assert "teacher" not in left
+    assert not [n for n in left if ".tmp-" in n]
+    # repaired: the next run builds it
+    src.write_bytes(good)
+    rec = MSMarco(copy).teacher_scores()
+    assert len(rec) == 9_361
+    assert (copy / paths.PREPARED / "teacher" / "meta.json").exists()
+
+
+def test_teacher_compensating_malformed_lines(copy):
+    src = copy / TEACHER
+
+    def edit(lines):  # move the last field of line 10 to the start of line 11
+        f10, f11 = lines[9].split(b"\t"), lines[10].split(b"\t")
+        lines[9] = b"\t".join(f10[:4])
+        lines[10] = b"\t".join([f10[4]] + f11)
+        return lines
+    rewrite_text(src, edit)
+    with pytest.raises(errors.DataError, match="line 10"):
+        MSMarco(copy).teacher_scores()
+
+
+@pytest.mark.parametrize("name", [TEACHER, TRIPLES])
+def test_qid_out_of_int32_range(copy, name):
+    col = 2 if name == TEACHER else 0
+
+    def edit(lines):
+        f = lines[0].split(b"\t")
+        f[col] = b"3000000000"
+        lines[0] = b"\t".join(f)
+        return lines
+    rewrite_text(copy / name, edit)
+    m = MSMarco(copy)
+    with pytest.raises(errors.DataError, match="line 1:"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy: invalid value encountered in cast
+        m.teacher_scores() if name == TEACHER else m.triples()
+
+
+def test_triples_malformed_line(copy):
+    src = copy / TRIPLES
+
+    def edit(lines):
+        lines[99] = b"1\t2"
+        return lines
+    rewrite_text(src, edit)
+    with pytest.raises(errors.DataError) as e:
+        MSMarco(copy).triples()
+    assert str(src) in str(e.value) and "line 100:" in str(e.value)
+    assert not [n for n in leftovers(copy) if n.startswith("triples")]

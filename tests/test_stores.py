@@ -1,0 +1,132 @@
+"""The memory-mapped stores (msmarco/stores.py): the same values as the raw files, built once and reused, rebuilt
+when their source or layout changes, nothing left behind by a killed build."""
+import gzip
+import json
+import math
+import os
+import pickle
+import time
+
+import numpy as np
+
+from msmarco import paths, stores
+from msmarco.data import MSMarco
+from conftest import SAMPLE, COLLECTION, TEACHER, TRIPLES, CE, MISSING_PID, leftovers, raw_teacher, raw_text_lines, write_pickle
+
+
+def test_a_killed_build_leaves_nothing_the_next_run_keeps(copy):
+    """A build killed mid-way (no exception handler runs) leaves its temporary folder; the next build removes it."""
+    stale = copy / paths.PREPARED / "collection.tmp-99999"
+    stale.mkdir(parents=True)
+    (stale / "text.bin").write_bytes(b"half")
+    assert len(MSMarco(copy).collection()) == 28_262
+    assert leftovers(copy) == ["collection"]
+
+
+def test_ce_scores_equal_pickle(ms):
+    with gzip.open(SAMPLE / CE, "rb") as f:
+        raw = pickle.load(f)  # our own file: safe to load
+    assert len(raw) == 180 and sum(map(len, raw.values())) == 9_541
+    store = ms.ce_scores()
+    for qid, scores in raw.items():
+        pids = list(scores)
+        got = store.lookup(qid, pids)
+        np.testing.assert_array_equal(got, np.array([scores[p] for p in pids], dtype=np.float32))
+        sp, ss = store.for_query(qid)
+        assert sp.tolist() == sorted(pids)
+        np.testing.assert_array_equal(ss, np.array([scores[p] for p in sorted(pids)], dtype=np.float32))
+
+
+def test_ce_scores_missing_pid_and_unknown_qid(ms):
+    store = ms.ce_scores()
+    with gzip.open(SAMPLE / CE, "rb") as f:
+        raw = pickle.load(f)
+    qid, scores = next(iter(raw.items()))
+    known = next(iter(scores))
+    unscored = next(p for p in ms.collection().ids.tolist() if p not in scores)
+    got = store.lookup(qid, [unscored, known, MISSING_PID])
+    assert math.isnan(got[0]) and math.isnan(got[2])
+    assert got[1] == np.float32(scores[known])
+    unknown_q = max(raw) + 1
+    p, s = store.for_query(unknown_q)
+    assert p.size == 0 and s.size == 0
+    assert np.isnan(store.lookup(unknown_q, [known])).all()
+
+
+def test_score_store_from_crafted_pickle(tmp_path):
+    d = {10: {3: 0.5, 1: 2.0, 2: -1.0}, 4: {9: 7.0}}
+    path = write_pickle(tmp_path / "s.pkl", pickle.dumps(d, protocol=4))
+    folder = tmp_path / "store"
+    folder.mkdir()
+    info = stores.ScoreStore.build(folder, path, None)
+    assert info == {"queries": 2, "scores": 4}
+    s = stores.ScoreStore(folder)
+    assert s.for_query(10)[0].tolist() == [1, 2, 3]
+    assert s.lookup(10, [3, 2, 1, 9]).tolist()[:3] == [0.5, -1.0, 2.0]
+    assert math.isnan(s.lookup(10, [9])[0])
+    assert s.lookup(4, [9]).tolist() == [7.0]
+
+
+def test_teacher_equals_raw(ms):
+    raw = raw_teacher(SAMPLE / TEACHER)
+    rec = ms.teacher_scores()
+    assert len(raw) == len(rec) == 9_361
+    assert rec.dtype == stores.TEACHER_DTYPE
+    cols = list(zip(*raw))
+    np.testing.assert_array_equal(rec["pos_score"], np.array(cols[0], dtype=np.float32))
+    np.testing.assert_array_equal(rec["neg_score"], np.array(cols[1], dtype=np.float32))
+    for j, name in enumerate(["qid", "pid_pos", "pid_neg"], 2):
+        assert rec[name].tolist() == list(cols[j])
+
+
+def test_triples(ms):
+    raw = [tuple(map(int, ln.split("\t"))) for ln in raw_text_lines(SAMPLE / TRIPLES)]
+    assert len(raw) == 3_421
+    first = ms.triples(max_rows=100)
+    assert first.shape == (100, 3) and first.dtype == np.int32
+    assert [tuple(r) for r in first.tolist()] == raw[:100]
+    every = ms.triples()
+    assert every.shape == (3_421, 3)
+    assert [tuple(r) for r in every.tolist()] == raw
+    assert ms.triples(max_rows=10_000).shape == (3_421, 3)
+
+
+def test_cache_reused_and_rebuilt_when_source_changes(copy):
+    src = copy / COLLECTION
+    meta = copy / paths.PREPARED / "collection" / "meta.json"
+    assert len(MSMarco(copy).collection()) == 28_262
+    m1 = meta.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = MSMarco(copy).collection()
+    took = time.perf_counter() - t0
+    assert len(again) == 28_262
+    assert meta.stat().st_mtime_ns == m1
+    assert took < 0.5
+    st = src.stat()
+    new_mtime = st.st_mtime_ns - 3_600 * 10**9
+    os.utime(src, ns=(st.st_atime_ns, new_mtime))
+    time.sleep(0.01)
+    rebuilt = MSMarco(copy).collection()
+    assert len(rebuilt) == 28_262
+    assert meta.stat().st_mtime_ns != m1
+    fp = json.loads(meta.read_text())["fingerprint"]
+    assert fp["sources"][COLLECTION] == [st.st_size, new_mtime]
+    assert leftovers(copy) == ["collection"]
+
+
+def test_cache_rebuilt_for_old_store_version(copy, monkeypatch):
+    MSMarco(copy).collection()
+    meta = copy / paths.PREPARED / "collection" / "meta.json"
+    m1 = meta.stat().st_mtime_ns
+    time.sleep(0.01)
+    monkeypatch.setattr(stores, "STORE_VERSION", stores.STORE_VERSION + 1)
+    MSMarco(copy).collection()
+    assert meta.stat().st_mtime_ns != m1
+    assert json.loads(meta.read_text())["fingerprint"]["version"] == stores.STORE_VERSION
+
+
+def test_released_store_pages_read_back_the_same():
+    ce = MSMarco(SAMPLE).ce_scores()
+    before = np.array(ce.scores[:100]), np.array(ce.pids[-100:])
+    stores.release_pages(ce)  # drops the pages from this process's resident set; the next read faults them back
+    assert np.array_equal(ce.scores[:100], before[0]) and np.array_equal(ce.pids[-100:], before[1])
