@@ -76,6 +76,7 @@ class Config:
     eval_steps: int = 10_000  # evaluate and save a checkpoint every this many steps
     logging_steps: int = 100  # log the training loss every this many steps
     save_total_limit: int = 2  # checkpoints kept besides the best
+    report_to: str = "none"  # also log to tensorboard or wandb (the HF Trainer's report_to; needs that package)
     bf16: bool = True  # bf16 autocast where the hardware has bf16 matrix units (recent GPUs, CPUs with AMX)
     seed: int = 12  # negative order, data order, held-out query choice
     resume: bool = True  # continue from the newest checkpoint of output/train_bi-encoder-v2
@@ -260,7 +261,7 @@ def main(cfg: Config) -> dict:
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{rerank.name}_MRR@10", logging_steps=cfg.logging_steps,
-        report_to="none", ddp_find_unused_parameters=False)
+        report_to=cfg.report_to, ddp_find_unused_parameters=False)
     during = [rerank, retrieval] if cfg.retrieval_eval and cfg.retrieval_every_eval else rerank
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=during,
                                          callbacks=[metric_history(out / "metrics.jsonl")])

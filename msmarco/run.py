@@ -68,26 +68,40 @@ def metric_history(path: Path, extra: dict | None = None):
     return _history_callback_class()(path, extra)
 
 
+def history_series(rows: list[dict], metric: str) -> dict:
+    """What the plot shows, from metrics.jsonl rows: the training loss, `metric` (e.g. eval_dev_MRR@10) over steps
+    with the untrained model's value as its point at step 0, and the BM25 order's value (both from the step-0
+    record that baseline_metrics writes)."""
+    name = metric.rsplit("_", 1)[-1]  # MRR@10
+    untrained = [(0, r[f"untrained_{name}"]) for r in rows if f"untrained_{name}" in r][-1:]
+    bm25 = [r[f"bm25_{name}"] for r in rows if f"bm25_{name}" in r][-1:]
+    return {"loss": [(r["step"], r["loss"]) for r in rows if "loss" in r],
+            "model": sorted(untrained + [(r["step"], r[metric]) for r in rows if metric in r]),
+            "bm25": bm25[0] if bm25 else None}
+
+
 def plot_history(jsonl: Path, png: Path, metric: str) -> Path | None:
-    """PNG of training loss and `metric` (e.g. eval_dev_MRR@10) over steps, from metrics.jsonl."""
+    """PNG of history_series: the loss, and the model's `metric` read against the untrained model and BM25."""
     import matplotlib
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
     rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()] if jsonl.exists() else []
-    loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r[metric]) for r in rows if metric in r]
-    if not loss and not evals:
+    h = history_series(rows, metric)
+    if not h["loss"] and not h["model"]:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    if loss:
-        ax.plot(*zip(*loss), color="tab:blue", label="training loss")
+    if h["loss"]:
+        ax.plot(*zip(*h["loss"]), color="tab:blue", alpha=0.6, label="training loss")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss", color="tab:blue")
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*evals), "o-", color="tab:red", label=metric)
-        ax2.set_ylabel(metric, color="tab:red")
+    ax2 = ax.twinx()
+    if h["model"]:
+        ax2.plot(*zip(*h["model"]), "o-", color="tab:red", label="model (step 0: untrained)")
+    if h["bm25"] is not None:
+        ax2.axhline(h["bm25"], color="tab:gray", linestyle="--", label=f"BM25 order ({h['bm25']:.3f})")
+    ax2.set_ylabel(metric, color="tab:red")
+    ax2.legend(loc="lower right", fontsize="small")
     ax.set_title(png.parent.name)
     fig.tight_layout()
     fig.savefig(png, dpi=100)

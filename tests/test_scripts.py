@@ -191,3 +191,56 @@ def test_v1_pairs_put_each_positive_just_before_its_triples_negative(tmp_path):
     for i, (q, p, n) in enumerate(np.asarray(data.triples(max_rows=300)).tolist()):  # 400 * 3/4 triples
         expected += ([(q, p, 1.0)] if i % 3 == 0 else []) + [(q, n, 0.0)]
     assert got == expected
+
+
+def test_plot_and_logs_compare_with_the_baselines(tmp_path):
+    """metrics.png reads the model against the untrained model (its point at step 0) and the BM25 order (a line);
+    --report_to reaches the trainer (here tensorboard event files, written with tensorboardX)."""
+    from msmarco import run
+    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--report_to=tensorboard")
+    res = mod.main(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    h = run.history_series(rows, "eval_dev_MRR@10")
+    assert h["model"][0] == (0, res["untrained"]["MRR@10"]) and [s for s, _ in h["model"]] == [0, 2, 4]
+    assert h["bm25"] == res["bm25"]["MRR@10"] and [s for s, _ in h["loss"]] == [1, 2, 3, 4]
+    assert (tmp_path / "metrics.png").stat().st_size > 10_000
+    assert list(tmp_path.rglob("events.out.tfevents.*")), "no tensorboard logs"
+
+
+def test_user_errors_end_with_their_message_and_exit_code_1(tmp_path, monkeypatch, capsys):
+    """A download that fails (here every address answers 404, as a dead link would) and a bad --key=value end the
+    script with the message and exit code 1, not a traceback."""
+    import runpy
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from msmarco import sources
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        for name, src in list(sources.SOURCES.items()):
+            url = f"http://127.0.0.1:{srv.server_address[1]}/{name}"
+            monkeypatch.setitem(sources.SOURCES, name, sources.Source(name, (url,), src.size, src.md5, src.what))
+        monkeypatch.setattr(sys, "argv", ["train_cross-encoder-v1.py", f"--data_dir={tmp_path / 'data'}",
+                                          f"--output_dir={tmp_path / 'out'}"])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / "train_cross-encoder-v1.py"), run_name="__main__")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: could not download http://127.0.0.1" in err and "HTTP 404" in err and "curl" in err
+    assert "Traceback" not in err
+    import subprocess
+    proc = subprocess.run([sys.executable, "train_cross-encoder-v1.py", "--lr=fast"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "error: --lr takes a float" in proc.stderr and "Traceback" not in proc.stderr
