@@ -22,9 +22,9 @@ import numpy as np
 
 from msmarco import paths
 from msmarco.config import script_config
-from msmarco.data import TREC_DL, MSMarco
+from msmarco.data import MSMarco
 from msmarco.errors import user_errors
-from msmarco.evaluation import encode_collection, search_embeddings, write_json_atomic
+from msmarco.evaluation import SPLIT_FILES, available, encode_collection, search_embeddings, write_json_atomic
 from msmarco.metrics import Qrels, StreamingMetrics, read_trec_run, rank, str_qrels
 from msmarco.models import resolve_model
 from msmarco.run import save_config
@@ -50,8 +50,6 @@ class Config:
 
 SAMPLE = dict(data_dir="data/sample", batch_size=64)
 
-SPLIT_FILES = {"dev": ("queries.tar.gz", "qrels.dev.small.tsv", "top1000.dev.tar.gz"),
-               **{f"dl{y}": files for y, files in TREC_DL.items()}}
 # Which metrics each split reports, and the grade that counts as relevant for MRR and recall.
 SPLIT_METRICS = {"dev": (1, ("MRR@10", "R@100", "R@1000")), "dl": (2, ("nDCG@10", "MRR@10", "R@100", "R@1000"))}
 # Published BM25 (Anserini regressions, k1=0.9 b=0.4; TREC DL recall at grade >= 2), printed beside full-scale runs.
@@ -247,13 +245,6 @@ def _cross_encoder_ranked(model, split: BenchmarkSplit, cands: dict[int, np.ndar
     bar.close()
 
 
-def _available(data_dir: Path, split: str) -> bool:
-    """At full scale every split is downloaded on demand; the bundled sample lacks some (no DL 2019)."""
-    if data_dir.resolve() != paths.SAMPLE_DIR.resolve():
-        return True
-    return all((data_dir / f).exists() for f in SPLIT_FILES[split])
-
-
 def print_results(results: dict, cand_header: str, published: bool) -> None:
     cols = ["model", cand_header] + (["BM25 (Anserini)"] if published else [])
     print(f"\n{'split':8}{'metric':10}" + "".join(f"{c:>17}" for c in cols))
@@ -284,7 +275,7 @@ def main(cfg: Config) -> dict:
                          "from the whole collection")
     names = []
     for s in cfg.splits:
-        if _available(data.dir, s):
+        if available(data.dir, s):
             names.append(s)
         else:
             print(f"note: split {s} skipped: its files are not in the bundled sample ({', '.join(SPLIT_FILES[s])})")

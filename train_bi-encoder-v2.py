@@ -8,10 +8,15 @@ kept only when a cross-encoder scores them at least `ce_margin` below the query'
 positive and next negative; the rotation is fixed by the seed and the epoch, so a resumed run sees the same
 sequence. `--negatives=triples` uses the BM25 training triples (qidpidtriples) instead.
 
-While training it reports, on held-out dev-small queries, MRR@10 and nDCG@10 of reranking their BM25
-candidates, and MRR@10 and Recall@100 of dense retrieval over the data folder's whole collection, before
-training and every `eval_steps`, and keeps the best checkpoint. Expected at full scale (one GPU,
-distilbert-base-uncased, 10 epochs): about 0.338 MRR@10 retrieving from the full collection on dev-small.
+Training batches are built from token ids (tokenized once per tokenizer); within a batch the queries, and the
+passages (positives and negatives together), are sorted by length and cut into chunks padded for real tokens
+(msmarco/batching.py), while the batch itself stays a random draw, so the in-batch negatives are as hard as with
+the stock collator. The loss is the stock MultipleNegativesRankingLoss. While training it reranks held-out dev-small
+queries' candidates ("dev-tune") and keeps the best checkpoint by MRR@10; the final figures come from queries that
+chose nothing: other dev-small queries ("dev-test", also dense retrieval over the data folder's whole collection,
+MRR@10 and Recall@k, before and after training) and TREC DL, beside the untrained model and the first stage's order
+(a BM25 run with --first_stage). Expected at full scale (one GPU, distilbert-base-uncased, 10 epochs): about 0.338
+MRR@10 retrieving from the full collection on dev-small.
 
 Commands:
     python train_bi-encoder-v2.py --sample             # bundled sample, offline base model, 2 CPU cores, < 5 min
@@ -35,17 +40,18 @@ from sentence_transformers.sentence_transformer.losses import (CachedMultipleNeg
                                                                MultipleNegativesRankingLoss)
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
+from msmarco.batching import TextBatches, batch_shape, on_token_batches
 from msmarco.config import script_config
 from msmarco.data import MSMarco, id_dataset, params_key, shuffle_within_groups
 from msmarco.distributed import main_process_first, process_group
 from msmarco.errors import user_errors
-from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_run, candidate_order_run,
-                                load_rerank_set, rerank_metrics)
+from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_run, evaluation_sets,
+                                rerank_table)
 from msmarco.models import bf16_args, freeze_unused_pooler, resolve_model
 from msmarco.paths import resolve_dir
-from msmarco.run import baseline_metrics, metric_history, report, save_model, start_run
+from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run
+from msmarco.sampling import SamplerEpoch
 from msmarco.stores import Grouped, GroupedWriter, prepared, release_pages
-
 
 @dataclass
 class Config:
@@ -53,6 +59,7 @@ class Config:
     data_dir: str = "data"  # MS MARCO folder, relative to the repository; missing files are downloaded into it
     model_name: str = "distilbert-base-uncased"  # encoder to start from: hub name, folder or offline:<name>
     similarity: str = "cosine"  # cosine or dot (dot: no normalisation, like msmarco-distilbert-dot-v5)
+    attn_implementation: str = "sdpa"  # attention kernels: sdpa, eager, or flash_attention_2 (GPU, if installed)
     max_seq_length: int = 300  # tokens per query or passage
     negatives: str = "hard"  # hard: msmarco-hard-negatives filtered by CE score; triples: BM25 qidpidtriples
     ce_margin: float = 3.0  # keep a negative only if its CE score <= lowest positive CE score - margin
@@ -68,11 +75,15 @@ class Config:
     lr: float = 2e-5  # peak learning rate (AdamW)
     warmup_steps: int = 1000  # linear warm-up, in steps
     weight_decay: float = 0.01  # AdamW weight decay
-    eval_queries: int = 500  # held-out dev-small queries
-    eval_candidates: int = 100  # BM25 candidates per held-out query for the reranking metrics
+    pad_multiple: int = 8  # pad each chunk of a batch to a multiple of this many tokens (bounded shapes for GPUs)
+    chunk_cost: int = -1  # padded tokens that one more forward pass is worth when a batch is cut (-1: by device)
+    first_stage: str = ""  # TREC run (file, or folder of <split>.run) whose candidates are reranked; "": candidate files
+    eval_queries: int = 500  # dev-tune queries reranked during training; as many dev-test queries in the final report
+    eval_candidates: int = 100  # candidates per query from first_stage (0: all); candidate files: all (no ranking)
+    report_splits: tuple[str, ...] = ("dl2019", "dl2020")  # TREC DL years reranked in the final report
     retrieval_k: int = 100  # depth of dense retrieval over the collection (Recall@k)
-    retrieval_eval: bool = True  # dense retrieval over the whole collection before and after training
-    retrieval_every_eval: bool = True  # ... and at every eval step too (each is a pass over the collection)
+    retrieval_eval: bool = True  # dense retrieval of the dev-test queries over the whole collection, before and after
+    retrieval_every_eval: bool = False  # ... and of the dev-tune queries at every eval step (a pass over 8.8M each)
     eval_steps: int = 10_000  # evaluate and save a checkpoint every this many steps
     logging_steps: int = 100  # log the training loss every this many steps
     save_total_limit: int = 2  # checkpoints kept besides the best
@@ -83,10 +94,11 @@ class Config:
     output_dir: str = "output/train_bi-encoder-v2"  # relative to the repository
 
 
-# --sample: the whole recipe on the bundled miniature, offline, on 2 CPU cores in under 5 minutes.
+# --sample: the whole recipe on the bundled miniature, offline, on 2 CPU cores in under 5 minutes (dense retrieval
+# over the 28k passages would take 12 of them on 2 AVX2 cores: --retrieval_eval=true adds it).
 SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", max_seq_length=96, epochs=3,
-              batch_size=32, lr=2e-5, warmup_steps=2, eval_queries=100, eval_candidates=20, eval_steps=100,
-              logging_steps=2, retrieval_every_eval=False)
+              batch_size=32, lr=2e-5, warmup_steps=2, first_stage="data/sample/runs/bm25", eval_queries=60,
+              eval_candidates=20, report_splits=("dl2020",), retrieval_eval=False, eval_steps=100, logging_steps=2)
 
 
 def filter_negatives(pos: np.ndarray, negs: dict[str, np.ndarray], pos_scores: np.ndarray,
@@ -188,7 +200,8 @@ class EpochBlockSampler(NoDuplicatesBatchSampler):
         self.rows_per_epoch = rows_per_epoch
 
     def __iter__(self):
-        full, lo = self.dataset, self.epoch * self.rows_per_epoch
+        blocks = max(1, len(self.dataset) // self.rows_per_epoch)  # epochs past the rotation's repeat it
+        full, lo = self.dataset, (self.epoch % blocks) * self.rows_per_epoch
         self.dataset = full.select(range(lo, lo + self.rows_per_epoch))
         try:
             for batch in super().__iter__():
@@ -201,16 +214,18 @@ class EpochBlockSampler(NoDuplicatesBatchSampler):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
-def training_triplets(data: MSMarco, rows: np.ndarray) -> Dataset:
-    """(query, positive, negative) texts per row, looked up when a batch is built."""
-    queries, collection = data.queries("train"), data.collection()
+def training_triplets(rows: np.ndarray) -> Dataset:
+    """(qid, positive, negative) ids per row; token ids are looked up when a batch is built (TextBatches)."""
+    return id_dataset({"qid": rows[:, 1], "pos": rows[:, 2], "neg": rows[:, 3]}, "bi-triplets")
 
-    def to_text(batch):
-        return {"query": [queries[int(q)] for q in batch["qid"]], "positive": collection.get_many(batch["pos"]),
-                "negative": collection.get_many(batch["neg"])}
 
-    ds = id_dataset({"qid": rows[:, 1], "pos": rows[:, 2], "neg": rows[:, 3]}, "bi-triplets")
-    return ds.with_transform(to_text)
+def rotation_epochs(cfg: Config, n_queries: int, world: int) -> int:
+    """Epochs the rotation must cover: cfg.epochs, or more when --max_steps outruns them (the Trainer then goes on
+    past the configured epochs)."""
+    if cfg.max_steps < 0:
+        return cfg.epochs
+    steps_per_epoch = max(1, n_queries // (cfg.batch_size * world))
+    return max(cfg.epochs, -(-cfg.max_steps // steps_per_epoch) + 1)
 
 
 def main(cfg: Config) -> dict:
@@ -221,38 +236,43 @@ def main(cfg: Config) -> dict:
     checkpoint = start_run(cfg, out)
     data = MSMarco(cfg.data_dir)
 
-    # 1. Data: filtered hard negatives, their per-epoch rotation, held-out dev queries. Under torchrun the main
-    #    process prepares the stores first; the others then open them.
+    # 1. Data: filtered hard negatives and their per-epoch rotation (ids); evaluation sets: dev-tune queries choose
+    #    the checkpoint, dev-test and TREC DL queries give the final figures. Under torchrun the main process
+    #    prepares the stores first; the others then open them.
     with main_process_first():
         positives, negatives = training_queries(data, cfg)
-        rows = rotation(positives, negatives, cfg.epochs, cfg.seed)
-        train = training_triplets(data, rows)
-        dev = load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
-    print(f"{len(positives):,} training queries with {len(negatives.values):,} negatives kept; "
-          f"{len(dev.qids)} held-out dev queries")
+        rows = rotation(positives, negatives, rotation_epochs(cfg, len(positives), process_group()[1]), cfg.seed)
+        train = training_triplets(rows)
+        tune, reports = evaluation_sets(data, cfg)
+    print(f"{len(positives):,} training queries with {len(negatives.values):,} negatives kept; evaluation: "
+          + ", ".join(f"{s.name} {len(s.qids)}" for s in [tune, *reports]))
 
     # 2. Model: transformer + mean pooling; cosine or dot similarity.
     torch.manual_seed(cfg.seed)
-    transformer = Transformer(resolve_model(cfg.model_name), max_seq_length=cfg.max_seq_length)
+    transformer = Transformer(resolve_model(cfg.model_name), max_seq_length=cfg.max_seq_length,
+                              model_kwargs={"attn_implementation": cfg.attn_implementation})
     freeze_unused_pooler(transformer)  # mean pooling skips a BERT pooler; DDP must not wait for its gradients
     model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
                                 similarity_fn_name=cfg.similarity)
 
-    # 3. Loss: in-batch negatives plus one hard negative per query; under torchrun the batches of all devices
-    #    serve as negatives for each other (gather_across_devices).
-    common = dict(scale=cfg.scale, similarity_fct=model.similarity,
-                  gather_across_devices=process_group()[1] > 1)
-    loss = (MultipleNegativesRankingLoss(model, **common) if cfg.loss == "mnrl" else
+    # 3. Loss: in-batch negatives plus one hard negative per query, fed batches of token ids (each chunk of
+    #    queries or passages padded to its own longest text); under torchrun the batches of all devices serve as
+    #    negatives for each other (gather_across_devices). cached_mnrl takes plain padded columns.
+    batches = TextBatches(data, model.tokenizer, batch_shape(cfg.max_seq_length, cfg.pad_multiple, cfg.chunk_cost),
+                          chunked=cfg.loss == "mnrl")
+    common = dict(scale=cfg.scale, similarity_fct=model.similarity, gather_across_devices=process_group()[1] > 1)
+    loss = (on_token_batches(MultipleNegativesRankingLoss(model, **common)) if cfg.loss == "mnrl" else
             CachedMultipleNegativesRankingLoss(model, mini_batch_size=cfg.mini_batch_size, **common))
 
-    # 4. Evaluation before training: the BM25 order and the untrained model (reranking and full retrieval).
-    rerank = RerankEvaluator(dev, bi_encoder_run)
-    retrieval = RetrievalEvaluator(dev, data.collection(), k=cfg.retrieval_k)
+    # 4. Evaluation before training: the first stage's order and the untrained model, reranking every set; dense
+    #    retrieval of the dev-test queries from the whole collection.
+    rerank = RerankEvaluator(tune, bi_encoder_run)
+    retrieval = RetrievalEvaluator(reports[0], data.collection(), k=cfg.retrieval_k)
     baselines = baseline_metrics(out, lambda: {
-        "bm25": rerank_metrics(candidate_order_run(dev), dev), "untrained": rerank.metrics(model),
-        **({"untrained_retrieval": retrieval.metrics(model)} if cfg.retrieval_eval else {})})
+        **rerank_table([tune, *reports], bi_encoder_run, {"untrained": model}),
+        **({"retrieval": {"untrained": retrieval.metrics(model)}} if cfg.retrieval_eval else {})}, tune.name)
 
-    # 5. Trainer: HF Trainer machinery (checkpoints, resume, best model by dev MRR@10, DDP under torchrun).
+    # 5. Trainer: HF Trainer machinery (checkpoints, resume, best model by dev-tune MRR@10, DDP under torchrun).
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -262,18 +282,21 @@ def main(cfg: Config) -> dict:
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{rerank.name}_MRR@10", logging_steps=cfg.logging_steps,
         report_to=cfg.report_to, ddp_find_unused_parameters=False)
-    during = [rerank, retrieval] if cfg.retrieval_eval and cfg.retrieval_every_eval else rerank
+    during = [rerank, RetrievalEvaluator(tune, data.collection(), k=cfg.retrieval_k)] if cfg.retrieval_every_eval \
+        else rerank
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=during,
-                                         callbacks=[metric_history(out / "metrics.jsonl")])
+                                         data_collator=batches,
+                                         callbacks=[metric_history(out / "metrics.jsonl"), SamplerEpoch()])
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # 6. Save the best model where stock SentenceTransformer(path) loads it, and evaluate that saved model.
     trained = SentenceTransformer(str(save_model(trainer, model, out)))
-    results = {**baselines, "trained": rerank.metrics(trained),
-               **({"trained_retrieval": retrieval.metrics(trained)} if cfg.retrieval_eval else {}),
-               "eval_queries": len(dev.qids), "training_queries": len(positives), "data_dir": str(data.dir)}
-    report(trainer, out, results, f"{len(dev.qids)} held-out dev queries: reranking BM25 candidates, "
-                                     f"and retrieval from {len(data.collection()):,} passages")
+    results = {**merge(baselines, rerank_table(reports, bi_encoder_run, {"trained": trained}, first_stage=False),
+                       {"retrieval": {"trained": retrieval.metrics(trained)}} if cfg.retrieval_eval else {}),
+               "first_stage": {s.name: s.first_stage for s in [tune, *reports]},
+               "training_queries": len(positives), "data_dir": str(data.dir)}
+    report(trainer, out, results, "Reranking held-out queries (dev-tune chose the checkpoint; the others decided "
+                                  f"nothing); retrieval: {reports[0].name} from {len(data.collection()):,} passages")
     return results
 
 

@@ -5,10 +5,12 @@ pairs drawn from the MS MARCO BM25 training triples (qidpidtriples): each query'
 and `neg_per_pos` of its BM25 negatives with label 0. Pairs are ids until a batch is built, so the full
 run (20M pairs) never holds their texts in memory.
 
-While training it reranks held-out dev-small queries (their BM25 candidates, positives included) and
-reports MRR@10 and nDCG@10, next to the BM25 order and the untrained model, and keeps the best
-checkpoint by MRR@10. Expected at full scale (one GPU, ~20M pairs): the v1 models of this recipe
-reranked the dev-small BM25 top-1000 to 0.30-0.36 MRR@10 (TinyBERT-L-2 to ELECTRA-base).
+Training batches are built from token ids (tokenized once per tokenizer), grouped by length and padded for real
+tokens (msmarco/batching.py); the loss is the stock BinaryCrossEntropyLoss. While training it reranks held-out
+dev-small queries ("dev-tune") and keeps the best checkpoint by MRR@10; the final figures come from queries that
+chose nothing: other dev-small queries ("dev-test") and TREC DL, each beside the first stage's own order (a BM25
+run with --first_stage) and, on dev-tune, the untrained model. Expected at full scale (one GPU, ~20M pairs): the
+v1 models of this recipe reranked the dev-small BM25 top-1000 to 0.30-0.36 MRR@10 (TinyBERT-L-2 to ELECTRA-base).
 
 Commands:
     python train_cross-encoder-v1.py --sample          # bundled sample, offline base model, 2 CPU cores, < 5 min
@@ -29,17 +31,16 @@ from datasets import Dataset
 from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
 from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
+from msmarco.batching import PairBatches, batch_shape, on_token_batches
 from msmarco.config import script_config
 from msmarco.data import MSMarco, distinct_ids, id_dataset
 from msmarco.distributed import main_process_first
 from msmarco.errors import user_errors
-from msmarco.evaluation import (RerankEvaluator, candidate_order_run, cross_encoder_run, load_rerank_set,
-                                rerank_metrics)
+from msmarco.evaluation import RerankEvaluator, cross_encoder_run, evaluation_sets, rerank_table
 from msmarco.models import bf16_args, cross_encoder, head_bias
 from msmarco.paths import resolve_dir
-from msmarco.run import baseline_metrics, metric_history, report, save_model, start_run
-from msmarco.sampling import shuffled_batches
-
+from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run
+from msmarco.sampling import SamplerEpoch, length_grouped_batches
 
 @dataclass
 class Config:
@@ -47,6 +48,7 @@ class Config:
     data_dir: str = "data"  # MS MARCO folder, relative to the repository; missing files are downloaded into it
     model_name: str = "microsoft/MiniLM-L12-H384-uncased"  # encoder to start from: hub name, folder or offline:<name>
     pooling: str = "cls"  # head input: cls ([CLS] + pooler, BertForSequenceClassification) or mean (mean of token states)
+    attn_implementation: str = "sdpa"  # attention kernels: sdpa, eager, or flash_attention_2 (GPU, if installed)
     max_length: int = 512  # tokens of query + passage (longer is truncated)
     neg_per_pos: int = 4  # BM25 negatives per positive pair
     max_pairs: int = 20_000_000  # training pairs in all (positives + negatives), read from the head of the triples
@@ -56,8 +58,13 @@ class Config:
     lr: float = 2e-5  # peak learning rate (AdamW)
     warmup_steps: int = 5000  # linear warm-up, in steps
     weight_decay: float = 0.01  # AdamW weight decay
-    eval_queries: int = 500  # held-out dev-small queries reranked during training
-    eval_candidates: int = 100  # BM25 candidates per held-out query (positives are added)
+    pad_multiple: int = 8  # pad each chunk of a batch to a multiple of this many tokens (bounded shapes for GPUs)
+    chunk_cost: int = -1  # padded tokens that one more forward pass is worth when a batch is cut (-1: by device)
+    length_window: int = 64  # batches sorted by length together before they are shuffled (1: random batches)
+    first_stage: str = ""  # TREC run (file, or folder of <split>.run) whose candidates are reranked; "": candidate files
+    eval_queries: int = 500  # dev-tune queries reranked during training; as many dev-test queries in the final report
+    eval_candidates: int = 100  # candidates per query from first_stage (0: all); candidate files: all (no ranking)
+    report_splits: tuple[str, ...] = ("dl2019", "dl2020")  # TREC DL years reranked in the final report
     eval_steps: int = 5000  # evaluate and save a checkpoint every this many steps
     logging_steps: int = 100  # log the training loss every this many steps
     save_total_limit: int = 2  # checkpoints kept besides the best
@@ -68,18 +75,18 @@ class Config:
     output_dir: str = "output/train_cross-encoder-v1"  # relative to the repository
 
 
-# --sample: the whole recipe on the bundled miniature, offline, on 2 CPU cores in about 3 minutes. The base is a
+# --sample: the whole recipe on the bundled miniature, offline, on 2 CPU cores in under 5 minutes. The base is a
 # sentence-embedding model, so its mean token state already carries meaning: a head on it (pooling=mean) learns
-# far faster than the stock [CLS] head there (see README, "What the sample runs show").
+# far faster than the stock [CLS] head there (see docs/sample-runs.md).
 SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", pooling="mean", max_length=128,
-              max_pairs=5_000, epochs=1, batch_size=16, lr=1e-4, warmup_steps=30, eval_queries=100,
-              eval_candidates=20, eval_steps=500, logging_steps=10)  # one evaluation, at the end (268 steps)
+              max_pairs=2_500, epochs=1, batch_size=16, lr=1e-4, warmup_steps=15, first_stage="data/sample/runs/bm25",
+              eval_queries=60, eval_candidates=20, report_splits=("dl2020",), eval_steps=1_000, logging_steps=10)
 
 
 def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
     """(qid, pid, label) rows from the triples: every triple gives its negative (label 0), every
-    `neg_per_pos`-th triple also its positive (label 1), just before that negative. Texts are looked up only
-    when a batch is built."""
+    `neg_per_pos`-th triple also its positive (label 1), just before that negative. Token ids are looked up only
+    when a batch is built (PairBatches)."""
     n_rows = math.ceil(cfg.max_pairs * cfg.neg_per_pos / (cfg.neg_per_pos + 1))
     t = np.asarray(data.triples(max_rows=n_rows))
     i = np.arange(len(t))
@@ -92,11 +99,7 @@ def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
     queries, collection = data.queries("train"), data.collection()
     queries.rows_of(distinct_ids(qid)), collection.rows_of(distinct_ids(pid))  # unknown ids fail now
 
-    def to_text(batch):
-        return {"query": [queries[q] for q in batch["qid"]], "passage": collection.get_many(batch["pid"]),
-                "label": batch["label"]}
-
-    return id_dataset({"qid": qid, "pid": pid, "label": label}, "ce-v1-pairs").with_transform(to_text)
+    return id_dataset({"qid": qid, "pid": pid, "label": label}, "ce-v1-pairs")
 
 
 def main(cfg: Config) -> dict:
@@ -104,45 +107,48 @@ def main(cfg: Config) -> dict:
     checkpoint = start_run(cfg, out)
     data = MSMarco(cfg.data_dir)
 
-    # 1. Data: training pairs (ids), held-out dev queries with their BM25 candidates. Under torchrun the main
-    #    process prepares the stores first; the others then open them.
+    # 1. Data: training pairs (ids); evaluation sets: dev-tune queries choose the checkpoint, dev-test and TREC DL
+    #    queries give the final figures. Under torchrun the main process prepares the stores first.
     with main_process_first():
         train = training_pairs(data, cfg)
-        dev = load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
-    print(f"{len(train):,} training pairs; {len(dev.qids)} held-out dev queries")
+        tune, reports = evaluation_sets(data, cfg)
+    print(f"{len(train):,} training pairs; evaluation: " + ", ".join(f"{s.name} {len(s.qids)}" for s in [tune, *reports]))
 
     # 2. Model: a plain encoder with a new one-logit head on [CLS] or on the mean token state. The head's bias
     #    starts at the labels' prior log-odds, log(1 / neg_per_pos), so no steps are spent learning it.
     torch.manual_seed(cfg.seed)
-    model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=None)
+    model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=None, attn=cfg.attn_implementation)
     head_bias(model).fill_(math.log(1 / cfg.neg_per_pos))
 
-    # 3. Loss: binary cross-entropy on the raw logit.
-    loss = BinaryCrossEntropyLoss(model)
+    # 3. Loss: binary cross-entropy on the raw logit, fed batches of token ids: pairs of similar lengths, each chunk
+    #    padded to its own longest pair.
+    batches = PairBatches(data, model.tokenizer, batch_shape(cfg.max_length, cfg.pad_multiple, cfg.chunk_cost))
+    loss = on_token_batches(BinaryCrossEntropyLoss(model))
 
-    # 4. Evaluation before training: the BM25 order and the untrained model.
-    evaluator = RerankEvaluator(dev, cross_encoder_run)
-    baselines = baseline_metrics(out, lambda: {
-        "bm25": rerank_metrics(candidate_order_run(dev), dev), "untrained": evaluator.metrics(model)})
+    # 4. Evaluation before training: the first stage's order everywhere, the untrained model on dev-tune.
+    evaluator = RerankEvaluator(tune, cross_encoder_run)
+    baselines = baseline_metrics(out, lambda: {**rerank_table([tune], cross_encoder_run, {"untrained": model}),
+                                               **rerank_table(reports, cross_encoder_run, {})}, tune.name)
 
-    # 5. Trainer: HF Trainer machinery (checkpoints, resume, best model by dev MRR@10, DDP under torchrun).
+    # 5. Trainer: HF Trainer machinery (checkpoints, resume, best model by dev-tune MRR@10, DDP under torchrun).
     args = CrossEncoderTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, **bf16_args(cfg.bf16), seed=cfg.seed, batch_sampler=shuffled_batches,
+        weight_decay=cfg.weight_decay, **bf16_args(cfg.bf16), seed=cfg.seed,
+        batch_sampler=length_grouped_batches(batches.row_lengths, cfg.length_window),
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{evaluator.name}_MRR@10", logging_steps=cfg.logging_steps,
         report_to=cfg.report_to, ddp_find_unused_parameters=False)
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
-                                  callbacks=[metric_history(out / "metrics.jsonl")])
+                                  data_collator=batches, callbacks=[metric_history(out / "metrics.jsonl"), SamplerEpoch()])
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # 6. Save the best model where stock CrossEncoder(path) loads it, and evaluate that saved model.
     trained = CrossEncoder(str(save_model(trainer, model, out)))
-    results = {**baselines, "trained": evaluator.metrics(trained), "eval_queries": len(dev.qids),
-               "data_dir": str(data.dir)}
-    report(trainer, out, results, f"Reranking {len(dev.qids)} held-out dev queries")
+    results = {**merge(baselines, rerank_table(reports, cross_encoder_run, {"trained": trained}, first_stage=False)),
+               "first_stage": {s.name: s.first_stage for s in [tune, *reports]}, "data_dir": str(data.dir)}
+    report(trainer, out, results, "Reranking held-out queries (dev-tune chose the checkpoint; the others decided nothing)")
     return results
 
 

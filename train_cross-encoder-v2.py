@@ -7,10 +7,13 @@ CrossEncoder learns the teacher's raw logits with MSE (no sigmoid); `--loss=marg
 pos-neg difference (MarginMSE). Lines are read from a memory-mapped store and turned into text only when a
 batch is built: the 40M lines and their texts are never held in memory.
 
-It reports MRR@10 and nDCG@10 of reranking held-out dev-small queries before, during and after training,
-beside the BM25 order and the untrained model, and how closely the student tracks the teacher (Pearson and
-Spearman correlation on teacher lines of held-out training queries). Expected at full scale (one GPU,
-MiniLM-L12, one epoch): about 0.39 MRR@10 on dev-small, the published result of this family, at 18x the
+Training batches are built from token ids (tokenized once per tokenizer), grouped by length and padded for real
+tokens (msmarco/batching.py); the losses are the stock MSELoss / MarginMSELoss. While training it reranks held-out
+dev-small queries ("dev-tune") and keeps the best checkpoint by MRR@10; the final figures come from queries that
+chose nothing: other dev-small queries ("dev-test") and TREC DL, each beside the first stage's own order (a BM25
+run with --first_stage). It also reports how closely the student tracks the teacher (Pearson and Spearman
+correlation on teacher lines of held-out training queries). Expected at full scale (one GPU, MiniLM-L12, one
+epoch): about 0.39 MRR@10 reranking the dev-small BM25 top-1000, the published result of this family, at 18x the
 speed of the teacher models. In data/sample the "teacher" scores are all-MiniLM-L6-v2 cosine x 20, not the
 BERT-CAT ensemble (see data/sample/README.md).
 
@@ -32,17 +35,16 @@ from datasets import Dataset
 from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
 from sentence_transformers.cross_encoder.losses import MarginMSELoss, MSELoss
 
+from msmarco.batching import PairBatches, batch_shape, on_token_batches
 from msmarco.config import script_config
-from msmarco.data import MSMarco, distinct_ids, id_dataset
+from msmarco.data import MSMarco, TeacherSamples, distinct_ids, id_dataset
 from msmarco.distributed import is_main_process, main_process_first, split_work
 from msmarco.errors import user_errors
-from msmarco.evaluation import (RerankEvaluator, candidate_order_run, cross_encoder_run, load_rerank_set,
-                                rerank_metrics)
+from msmarco.evaluation import RerankEvaluator, cross_encoder_run, evaluation_sets, rerank_table
 from msmarco.models import bf16_args, cross_encoder, head_bias
 from msmarco.paths import resolve_dir
-from msmarco.run import baseline_metrics, metric_history, report, save_model, start_run, teacher_description
-from msmarco.sampling import shuffled_batches
-
+from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run, teacher_description
+from msmarco.sampling import SamplerEpoch, length_grouped_batches
 
 @dataclass
 class Config:
@@ -51,6 +53,7 @@ class Config:
     model_name: str = "microsoft/MiniLM-L12-H384-uncased"  # student to start from: hub name, folder or offline:<name>
     loss: str = "mse"  # mse: each (query, passage) logit to the teacher's; margin_mse: the pos-neg difference
     pooling: str = "cls"  # head input: cls ([CLS] + pooler, BertForSequenceClassification) or mean (mean of token states)
+    attn_implementation: str = "sdpa"  # attention kernels: sdpa, eager, or flash_attention_2 (GPU, if installed)
     max_length: int = 512  # tokens of query + passage
     max_lines: int = -1  # teacher lines to train on (-1: all ~40M)
     heldout_queries: int = 1000  # training queries whose teacher lines are held out to measure student-teacher fit
@@ -60,8 +63,13 @@ class Config:
     lr: float = 7e-6  # peak learning rate (AdamW)
     warmup_steps: int = 5000  # linear warm-up, in steps
     weight_decay: float = 0.01  # AdamW weight decay
-    eval_queries: int = 500  # held-out dev-small queries reranked during training
-    eval_candidates: int = 100  # BM25 candidates per held-out query (positives are added)
+    pad_multiple: int = 8  # pad each chunk of a batch to a multiple of this many tokens (bounded shapes for GPUs)
+    chunk_cost: int = -1  # padded tokens that one more forward pass is worth when a batch is cut (-1: by device)
+    length_window: int = 64  # batches sorted by length together before they are shuffled (1: random batches)
+    first_stage: str = ""  # TREC run (file, or folder of <split>.run) whose candidates are reranked; "": candidate files
+    eval_queries: int = 500  # dev-tune queries reranked during training; as many dev-test queries in the final report
+    eval_candidates: int = 100  # candidates per query from first_stage (0: all); candidate files: all (no ranking)
+    report_splits: tuple[str, ...] = ("dl2019", "dl2020")  # TREC DL years reranked in the final report
     eval_steps: int = 5000  # evaluate and save a checkpoint every this many steps
     logging_steps: int = 100  # log the training loss every this many steps
     save_total_limit: int = 2  # checkpoints kept besides the best
@@ -72,11 +80,12 @@ class Config:
     output_dir: str = "output/train_cross-encoder-v2"  # relative to the repository
 
 
-# --sample: the whole recipe on the bundled miniature, offline, on 2 CPU cores in about 3 minutes (2,400 teacher
-# lines, 300 steps; a head on the mean token state of the sentence-embedding base, as in train_cross-encoder-v1.py).
+# --sample: the whole recipe on the bundled miniature, offline, on 2 CPU cores in under 5 minutes (a head on the
+# mean token state of the sentence-embedding base, as in train_cross-encoder-v1.py).
 SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", pooling="mean", max_length=128,
-              max_lines=2_400, heldout_queries=20, batch_size=16, lr=5e-5, warmup_steps=30, eval_queries=100,
-              eval_candidates=20, eval_steps=150, logging_steps=10)
+              max_lines=1_200, heldout_queries=20, batch_size=16, lr=5e-5, warmup_steps=15,
+              first_stage="data/sample/runs/bm25", eval_queries=60, eval_candidates=20, report_splits=("dl2020",),
+              eval_steps=1_000, logging_steps=10)
 
 
 def teacher_split(data: MSMarco, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -94,22 +103,10 @@ def teacher_split(data: MSMarco, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
 
 def training_samples(data: MSMarco, lines: np.ndarray, loss: str) -> Dataset:
     """mse: two rows per teacher line, (query, passage, score) for its positive then its negative;
-    margin_mse: one row per line, (query, positive, negative, pos_score - neg_score). Texts are looked up per batch."""
-    queries, collection = data.queries("train"), data.collection()
+    margin_mse: one row per line, (query, positive, negative, pos_score - neg_score). Rows are line numbers; token
+    ids are looked up per batch (PairBatches with TeacherSamples)."""
     # fail now, not mid-run, on an unknown query: every query of the lines' span (the held-out ones too)
-    queries.rows_of(distinct_ids(data.teacher_scores()["qid"][:int(lines[-1]) + 1] if len(lines) else []))
-
-    def to_text(batch):  # refers to `data`, not to the 800 MB teacher memmap: `datasets` pickles it to fingerprint it
-        rec = data.teacher_scores()[np.asarray(batch["row"]) // (2 if loss == "mse" else 1)]
-        q = [queries[int(x)] for x in rec["qid"]]
-        if loss == "margin_mse":
-            return {"query": q, "positive": collection.get_many(rec["pid_pos"]),
-                    "negative": collection.get_many(rec["pid_neg"]),
-                    "label": (rec["pos_score"] - rec["neg_score"]).astype(np.float32).tolist()}
-        side = np.asarray(batch["row"]) % 2  # 0: the line's positive, 1: its negative
-        pids = np.where(side == 0, rec["pid_pos"], rec["pid_neg"])
-        return {"query": q, "passage": collection.get_many(pids),
-                "label": np.where(side == 0, rec["pos_score"], rec["neg_score"]).astype(np.float32).tolist()}
+    data.queries("train").rows_of(distinct_ids(data.teacher_scores()["qid"][:int(lines[-1]) + 1] if len(lines) else []))
 
     if loss == "mse":  # 2 * line and 2 * line + 1, interleaved, written in place (80M rows: 320 MB, no temporaries)
         rows = np.empty(2 * len(lines), np.int32)
@@ -117,7 +114,7 @@ def training_samples(data: MSMarco, lines: np.ndarray, loss: str) -> Dataset:
         np.add(rows[0::2], 1, out=rows[1::2])
     else:
         rows = lines.astype(np.int32)
-    return id_dataset({"row": rows}, f"ce-v2-{loss}").with_transform(to_text)
+    return id_dataset({"row": rows}, f"ce-v2-{loss}")
 
 
 def teacher_fit(model: CrossEncoder, data: MSMarco, lines: np.ndarray, max_pairs: int = 2000) -> dict:
@@ -142,52 +139,60 @@ def main(cfg: Config) -> dict:
     checkpoint = start_run(cfg, out)
     data = MSMarco(cfg.data_dir)
 
-    # 1. Data: teacher lines (ids), held-out teacher lines, held-out dev queries with their BM25 candidates. Under
-    #    torchrun the main process prepares the stores first; the others then open them.
+    # 1. Data: teacher lines (ids), held-out teacher lines; evaluation sets: dev-tune queries choose the checkpoint,
+    #    dev-test and TREC DL queries give the final figures. Under torchrun the main process prepares the stores.
     with main_process_first():
         train_lines, held_lines = teacher_split(data, cfg)
         train = training_samples(data, train_lines, cfg.loss)
-        dev = load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
-    print(f"{len(train):,} training samples from {len(train_lines):,} teacher lines; "
-          f"{len(held_lines):,} held-out teacher lines; {len(dev.qids)} held-out dev queries")
+        tune, reports = evaluation_sets(data, cfg)
+    print(f"{len(train):,} training samples from {len(train_lines):,} teacher lines; {len(held_lines):,} held-out "
+          f"teacher lines; evaluation: " + ", ".join(f"{s.name} {len(s.qids)}" for s in [tune, *reports]))
 
     # 2. Model: the student, one raw logit per (query, passage) on [CLS] or on the mean token state; predict()
     #    returns it unsquashed, like the teacher's. The head's bias starts at the teacher's mean score (about 10 in
     #    the sample): Adam moves a bias by ~lr per step, so MSE would otherwise spend its whole run on that offset.
     torch.manual_seed(cfg.seed)
-    model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=torch.nn.Identity())
+    model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=torch.nn.Identity(),
+                          attn=cfg.attn_implementation)
     spread = data.teacher_scores()[train_lines[::max(1, len(train_lines) // 1_000_000)]]  # ~1M lines: mean +-0.005
     head_bias(model).fill_(float(spread["pos_score"].mean() + spread["neg_score"].mean()) / 2
                            if cfg.loss == "mse" else 0.0)
 
-    # 3. Loss: MSE on the raw logit, or MarginMSE on the pos-neg difference.
-    loss = MSELoss(model) if cfg.loss == "mse" else MarginMSELoss(model)
+    # 3. Loss: MSE on the raw logit, or MarginMSE on the pos-neg difference, fed batches of token ids: pairs of
+    #    similar lengths, each chunk padded to its own longest pair.
+    batches = PairBatches(data, model.tokenizer, batch_shape(cfg.max_length, cfg.pad_multiple, cfg.chunk_cost),
+                          resolve=TeacherSamples(data, margin=cfg.loss == "margin_mse"))
+    loss = on_token_batches(MSELoss(model) if cfg.loss == "mse" else MarginMSELoss(model))
 
-    # 4. Evaluation before training: the BM25 order and the untrained student.
-    evaluator = RerankEvaluator(dev, cross_encoder_run)
-    baselines = baseline_metrics(out, lambda: {
-        "bm25": rerank_metrics(candidate_order_run(dev), dev), "untrained": evaluator.metrics(model),
-        "untrained_fit": teacher_fit(model, data, held_lines)})
+    # 4. Evaluation before training: the first stage's order everywhere, the untrained student on dev-tune.
+    evaluator = RerankEvaluator(tune, cross_encoder_run)
+    baselines = baseline_metrics(out, lambda: {**rerank_table([tune], cross_encoder_run, {"untrained": model}),
+                                               **rerank_table(reports, cross_encoder_run, {}),
+                                               "untrained_fit": teacher_fit(model, data, held_lines)}, tune.name)
 
-    # 5. Trainer: HF Trainer machinery (checkpoints, resume, best model by dev MRR@10, DDP under torchrun).
+    # 5. Trainer: HF Trainer machinery (checkpoints, resume, best model by dev-tune MRR@10, DDP under torchrun).
     args = CrossEncoderTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, **bf16_args(cfg.bf16), seed=cfg.seed, batch_sampler=shuffled_batches,
+        weight_decay=cfg.weight_decay, **bf16_args(cfg.bf16), seed=cfg.seed,
+        batch_sampler=length_grouped_batches(batches.row_lengths, cfg.length_window),
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{evaluator.name}_MRR@10", logging_steps=cfg.logging_steps,
         report_to=cfg.report_to, ddp_find_unused_parameters=False)
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
-                                  callbacks=[metric_history(out / "metrics.jsonl")])
+                                  data_collator=batches, callbacks=[metric_history(out / "metrics.jsonl"), SamplerEpoch()])
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # 6. Save the best student where stock CrossEncoder(path) loads it; evaluate that saved model (ranking and
     #    teacher fit).
     student = CrossEncoder(str(save_model(trainer, model, out)))
-    results = {**baselines, "trained": evaluator.metrics(student), "trained_fit": teacher_fit(student, data, held_lines),
-               "eval_queries": len(dev.qids), "data_dir": str(data.dir), "teacher": teacher_description(data.dir)}
-    report(trainer, out, results, f"Reranking {len(dev.qids)} held-out dev queries; teacher: {results['teacher']}")
+    results = {**merge(baselines, rerank_table(reports, cross_encoder_run, {"trained": student}, first_stage=False)),
+               "trained_fit": teacher_fit(student, data, held_lines),
+               "first_stage": {s.name: s.first_stage for s in [tune, *reports]}, "data_dir": str(data.dir),
+               "teacher": teacher_description(data.dir)}
+    report(trainer, out, results, f"Reranking held-out queries (dev-tune chose the checkpoint; the others decided "
+                                  f"nothing); teacher: {results['teacher']}")
     before, after = results["untrained_fit"], results["trained_fit"]
     if is_main_process():
         print(f"student vs teacher on {after['pairs']} held-out pairs: Pearson {before['pearson']:.3f} -> "

@@ -15,6 +15,7 @@ from .hard_negatives import HardNegatives
 from .sources import fetch
 from .stores import (TEACHER_DTYPE, Grouped, ScoreStore, TextStore, build_teacher, build_triples, load_array,
                      prepared)
+from .tokens import TokenStore, tokenizer_key
 
 
 TREC_DL = {2019: ("msmarco-test2019-queries.tsv.gz", "2019qrels-pass.txt", "msmarco-passagetest2019-top1000.tsv.gz"),
@@ -134,6 +135,38 @@ class MSMarco:
             return load_array(folder, "teacher.bin", np.uint8).view(TEACHER_DTYPE)
         return self._once("teacher", make)
 
+    # --- token ids, for building training batches without tokenizing text (msmarco/tokens.py)
+    def tokens(self, texts: str, tokenizer) -> TokenStore:
+        """The token store of `texts` ("collection" or "queries.<split>") for `tokenizer`, built once per tokenizer
+        (minutes for the full collection, on the fast tokenizer's threads) and memory-mapped afterwards."""
+        store = self.collection() if texts == "collection" else self.queries(texts.split(".", 1)[1])
+        src = self.path("collection.tar.gz" if texts == "collection" else "queries.tar.gz")
+        key = tokenizer_key(tokenizer)
+
+        def make():
+            folder = prepared(self.dir, f"tokens.{texts}.{key}", [src],
+                              lambda d: TokenStore.build(d, store, tokenizer))
+            return TokenStore(folder)
+        return self._once(("tokens", texts, key), make)
+
+
+
+class TeacherSamples:
+    """Rows of a teacher-line dataset as PairBatches pairs: with MSE, row 2i / 2i + 1 is line i's (query, positive,
+    pos_score) / (query, negative, neg_score); with MarginMSE, row i is line i's (query, [positive, negative],
+    pos_score - neg_score). Reads the memory-mapped teacher store; pickles as its data folder."""
+
+    def __init__(self, data: MSMarco, margin: bool):
+        self.data, self.margin = data, margin
+
+    def __call__(self, columns: dict):
+        rows = np.asarray(columns["row"], dtype=np.int64)
+        rec = self.data.teacher_scores()[rows // (1 if self.margin else 2)]
+        if self.margin:
+            return rec["qid"], np.stack([rec["pid_pos"], rec["pid_neg"]], 1), rec["pos_score"] - rec["neg_score"]
+        pos = rows % 2 == 0
+        return rec["qid"], np.where(pos, rec["pid_pos"], rec["pid_neg"]), np.where(pos, rec["pos_score"],
+                                                                                     rec["neg_score"])
 
 def shuffle_within_groups(ptr: np.ndarray, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """`values` with each group values[ptr[i]:ptr[i + 1]] in a random order (one argsort, not a loop)."""

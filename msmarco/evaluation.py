@@ -4,6 +4,7 @@ trainers call at every eval step; under several processes the work is split and 
 the resumable fp16 embedding cache and the chunked exact top-k that evaluate.py uses at full scale."""
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
@@ -15,7 +16,10 @@ import numpy as np
 from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 
 from .distributed import all_gather, process_group, split_work
-from .metrics import Qrels, Run, evaluate_run, str_qrels
+from . import paths
+from .data import TREC_DL
+from .errors import DataError
+from .metrics import Qrels, Run, evaluate_run, rank, read_trec_run, str_qrels
 from .models import autocast
 
 if TYPE_CHECKING:
@@ -23,53 +27,102 @@ if TYPE_CHECKING:
     from .stores import TextStore
 
 
+SPLIT_FILES = {"dev": ("queries.tar.gz", "qrels.dev.small.tsv", "top1000.dev.tar.gz"),
+               **{f"dl{y}": files for y, files in TREC_DL.items()}}
+
+
+def available(data_dir: Path, split: str) -> bool:
+    """At full scale every split is downloaded on demand; the bundled sample lacks some (no DL 2019)."""
+    if not paths.is_sample(data_dir):
+        return True
+    return all((Path(data_dir) / f).exists() for f in SPLIT_FILES[split.split("-")[0]])
+
+
 @dataclass
 class RerankSet:
     """Held-out queries with their candidate passages, ready to score."""
-    name: str  # e.g. "dev" or "dl2020"
+    name: str  # e.g. "dev-tune", "dev-test" or "dl2020"
     qids: list[int]
     queries: list[str]
-    candidates: list[np.ndarray]  # pids per query, in the candidate file's (BM25) order
+    candidates: list[np.ndarray]  # pids per query, in the first stage's order
     passages: list[list[str]]
     qrels: Qrels  # string ids, for the metrics
     min_grade: int  # 1 for MS MARCO dev, 2 for TREC DL MRR/recall
+    first_stage: str = ""  # where the candidates and their order come from
+
+
+TUNE_SHARE = 0.4  # share of the dev queries in "dev-tune"
+
+
+def dev_part(qids, part: str) -> list[int]:
+    """The dev queries of one fixed part: "tune" (TUNE_SHARE of them, by a hash of the qid) chooses checkpoints and
+    settings; "test", the rest, decides nothing and is reported. The same qid is in the same part at every scale."""
+    q = np.asarray(sorted(qids), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = (q + np.uint64(0x9E3779B97F4A7C15)) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(31))) * np.uint64(0x94D049BB133111EB)
+    tune = (h >> np.uint64(40)).astype(np.float64) / float(1 << 24) < TUNE_SHARE
+    if part not in ("tune", "test"):
+        raise ValueError(f"unknown dev part {part!r}: tune or test")
+    return q[tune if part == "tune" else ~tune].astype(np.int64).tolist()
 
 
 def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None = None,
-                    max_candidates: int | None = None, include_positives: bool = True, seed: int = 0) -> RerankSet:
-    """Dev (dev-small qrels + top1000.dev) or TREC DL ("dl2019", "dl2020") queries with their candidates.
+                    max_candidates: int | None = None, first_stage: str = "", seed: int = 0) -> RerankSet:
+    """Judged queries of `split` with their candidates: "dev" (dev-small; "dev-tune" / "dev-test" for its parts,
+    see dev_part) or TREC DL ("dl2019", "dl2020").
 
-    `max_queries` takes a seeded random subset (sorted by qid for a stable order); with `include_positives`
-    judged positives missing from a query's candidates are appended after them, so a reranker can be scored
-    on them (the candidate order itself still ranks them last)."""
-    if split == "dev":
+    With `first_stage` (a TREC run file, or a folder of <split>.run files such as evaluate.py writes, e.g. a BM25 run)
+    the candidates are the run's top `max_candidates` in its order. Without it they are the split's official
+    candidate file (top1000.dev, the DL top-1000), all of them: those files list each query's candidates in no
+    particular order, so a prefix of them would be an arbitrary subset. `max_queries` takes a seeded random subset,
+    sorted by qid. Queries without candidates are left out (they would score 0 for every system)."""
+    base = split.split("-")[0]
+    if base == "dev":
         queries, qrels_int, cands = data.queries("dev"), data.qrels("dev"), data.dev_candidates()
         min_grade = 1
-    elif split.startswith("dl"):
-        queries, qrels_int, cands = data.trec_dl(int(split[2:]))
+    elif base.startswith("dl"):
+        queries, qrels_int, cands = data.trec_dl(int(base[2:]))
         min_grade = 2
     else:
-        raise ValueError(f"unknown evaluation split {split!r}: use dev, dl2019 or dl2020")
+        raise ValueError(f"unknown evaluation split {split!r}: use dev, dev-tune, dev-test, dl2019 or dl2020")
+    if first_stage:
+        path = paths.resolve_dir(first_stage)
+        path = path / f"{base}.run" if path.is_dir() else path
+        if not path.is_file():
+            raise DataError(f"first-stage run {path} does not exist: give a TREC run file (qid Q0 pid rank score "
+                            f"tag) of the {base} queries, or a folder of <split>.run files")
+        run = read_trec_run(path)
+        cands = {int(q): np.asarray(rank(docs, max_candidates), dtype=np.int64) for q, docs in run.items()}
+        source = f"{path} (top {max_candidates or 'all'}, in its order)"
+    else:
+        source = f"{base} candidate file, all of each query's candidates (file order is not a ranking)"
     qids = sorted(q for q in qrels_int if q in cands and any(g >= min_grade for g in qrels_int[q].values()))
+    if split != base:
+        qids = dev_part(qids, split.split("-", 1)[1])
     if max_queries is not None and max_queries < len(qids):
         rng = np.random.default_rng(seed)
         qids = sorted(rng.choice(qids, size=max_queries, replace=False).tolist())
     collection = data.collection()
-    texts, cand_list, passages = [], [], []
-    for q in qids:
-        pids = cands[q][:max_candidates] if max_candidates else cands[q]
-        if include_positives:
-            missing = [p for p, g in sorted(qrels_int[q].items()) if g >= min_grade and p not in set(pids.tolist())]
-            missing = [p for p in missing if p in collection]
-            pids = np.concatenate([pids, np.asarray(missing, dtype=pids.dtype)])
-        cand_list.append(pids)
-        passages.append(collection.get_many(pids))
-        texts.append(queries[q])
-    return RerankSet(split, qids, texts, cand_list, passages, str_qrels({q: qrels_int[q] for q in qids}), min_grade)
+    cand_list = [np.asarray(cands[q]) for q in qids]
+    return RerankSet(split, qids, queries.get_many(qids), cand_list, [collection.get_many(c) for c in cand_list],
+                     str_qrels({q: qrels_int[q] for q in qids}), min_grade, source)
+
+
+def evaluation_sets(data: "MSMarco", cfg) -> tuple[RerankSet, list[RerankSet]]:
+    """The evaluation sets of a training script: `cfg.eval_queries` dev-tune queries, scored during training to
+    choose the checkpoint; and the sets of the final report, which decide nothing: as many dev-test queries and
+    every judged query of cfg.report_splits (TREC DL years; those missing from the bundled sample are skipped).
+    Candidates: cfg.first_stage's top cfg.eval_candidates, or the official candidate files (load_rerank_set)."""
+    def load(split: str, max_queries: int | None) -> RerankSet:
+        return load_rerank_set(data, split, max_queries, cfg.eval_candidates or None, cfg.first_stage, cfg.seed)
+    reports = [load("dev-test", cfg.eval_queries)]
+    reports += [load(s, None) for s in cfg.report_splits if available(data.dir, s)]
+    return load("dev-tune", cfg.eval_queries), reports
 
 
 def candidate_order_run(rs: RerankSet) -> Run:
-    """The candidates' own order (BM25 for top1000 files) as a run: score = -rank."""
+    """The first stage's own order of the candidates as a run: score = -rank."""
     return {str(q): {str(p): -float(i) for i, p in enumerate(pids)} for q, pids in zip(rs.qids, rs.candidates)}
 
 
@@ -173,7 +226,8 @@ def dense_retrieval_run(model, queries: list[str], qids: list[int], collection: 
         part = range(lo, min(lo + chunk, rows.stop))
         p = model.encode_document([collection.text_at(r) for r in part], batch_size=batch_size,
                                   convert_to_tensor=True, show_progress_bar=len(rows) > chunk)
-        s = model.similarity(q, p).to(best_s.dtype)
+        with torch.autocast(q.device.type, enabled=False):  # scores in fp32: bf16's 3 digits tie the top ranks
+            s = model.similarity(q.float(), p.float())
         s, i = torch.cat([best_s, s], 1), torch.cat([best_i, torch.arange(lo, lo + len(part), device=q.device)
                                                      .expand(len(queries), -1)], 1)
         best_s, pos = s.topk(min(k, s.shape[1]), dim=1)
@@ -194,13 +248,26 @@ def merge_top_k(runs: Iterable[Run], k: int) -> Run:
     return {q: dict(heapq.nlargest(k, items, key=lambda d: d[1])) for q, items in merged.items()}
 
 
+
+def rerank_table(sets: list[RerankSet], scorer: Callable, models: dict, first_stage: bool = True) -> dict:
+    """{set name: {"first_stage": metrics of the candidates' own order, <name>: metrics of models[name]}}: reranking
+    each set's candidates with each model (scorer: cross_encoder_run or bi_encoder_run)."""
+    table = {}
+    for rs in sets:
+        row = {"first_stage": rerank_metrics(candidate_order_run(rs), rs)} if first_stage else {}
+        for name, model in models.items():
+            row[name] = RerankEvaluator(rs, scorer).metrics(model)
+        table[rs.name] = row
+    return table
+
+
 class RetrievalEvaluator(BaseEvaluator):
     """Dense retrieval of held-out queries over the whole collection: MRR@10 and Recall@k."""
 
     def __init__(self, rs: RerankSet, collection: "TextStore", k: int = 100, batch_size: int = 64,
-                 name: str | None = None):
+                 name: str | None = None, amp: bool = True):
         super().__init__()
-        self.rs, self.collection, self.k, self.batch_size = rs, collection, k, batch_size
+        self.rs, self.collection, self.k, self.batch_size, self.amp = rs, collection, k, batch_size, amp
         self.name = name or f"{rs.name}_retrieval"
         self.primary_metric = "MRR@10"
 
@@ -212,7 +279,9 @@ class RetrievalEvaluator(BaseEvaluator):
         was_training = model.training
         model.eval()
         try:
-            with autocast(model.device):  # encoding the collection in bf16, as fp16 caches do at scale
+            # passages encoded in mixed precision where it pays (as fp16 caches are at scale) unless amp is off;
+            # their similarities in fp32 (dense_retrieval_run)
+            with autocast(model.device) if self.amp else contextlib.nullcontext():
                 run = dense_retrieval_run(model, self.rs.queries, self.rs.qids, self.collection, self.k,
                                           self.batch_size, rows=range(n * rank // world, n * (rank + 1) // world))
         finally:

@@ -65,19 +65,21 @@ def freeze_unused_pooler(transformer) -> None:
         pooler.requires_grad_(False)
 
 
-def cross_encoder(model_name: str, max_length: int, pooling: str, activation=None):
+def cross_encoder(model_name: str, max_length: int, pooling: str, activation=None, attn: str = "sdpa"):
     """A CrossEncoder with a new one-logit head, for both cross-encoder recipes: on [CLS] + pooler (the stock
     sequence-classification head) or a linear layer on the mean of the token states (which keeps a sentence
-    encoder's pre-trained representation in play). Both load with stock CrossEncoder(path)."""
+    encoder's pre-trained representation in play). Both load with stock CrossEncoder(path). `attn`: transformers'
+    attention implementation (sdpa, eager, flash_attention_2)."""
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder
     from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
     name = resolve_model(model_name)
     if pooling == "cls":
-        return CrossEncoder(name, num_labels=1, max_length=max_length, activation_fn=activation)
+        return CrossEncoder(name, num_labels=1, max_length=max_length, activation_fn=activation,
+                            model_kwargs={"attn_implementation": attn})
     if pooling != "mean":
         raise SystemExit(f"--pooling must be cls or mean, not {pooling!r}")
-    t = Transformer(name, max_seq_length=max_length)
+    t = Transformer(name, max_seq_length=max_length, model_kwargs={"attn_implementation": attn})
     freeze_unused_pooler(t)
     dim = t.get_embedding_dimension()
     head = Dense(dim, 1, activation_function=torch.nn.Identity(), module_output_name="scores")

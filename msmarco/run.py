@@ -69,19 +69,19 @@ def metric_history(path: Path, extra: dict | None = None):
 
 
 def history_series(rows: list[dict], metric: str) -> dict:
-    """What the plot shows, from metrics.jsonl rows: the training loss, `metric` (e.g. eval_dev_MRR@10) over steps
-    with the untrained model's value as its point at step 0, and the BM25 order's value (both from the step-0
-    record that baseline_metrics writes)."""
+    """What the plot shows, from metrics.jsonl rows: the training loss, `metric` (e.g. eval_dev-tune_MRR@10) over
+    steps, from the untrained model at step 0, and the first stage's value (e.g. the BM25 run's order), both of
+    the step-0 record that baseline_metrics writes."""
     name = metric.rsplit("_", 1)[-1]  # MRR@10
-    untrained = [(0, r[f"untrained_{name}"]) for r in rows if f"untrained_{name}" in r][-1:]
-    bm25 = [r[f"bm25_{name}"] for r in rows if f"bm25_{name}" in r][-1:]
+    first = [r[f"first_stage_{name}"] for r in rows if f"first_stage_{name}" in r][-1:]
     return {"loss": [(r["step"], r["loss"]) for r in rows if "loss" in r],
-            "model": sorted(untrained + [(r["step"], r[metric]) for r in rows if metric in r]),
-            "bm25": bm25[0] if bm25 else None}
+            "model": [(r["step"], r[metric]) for r in rows if metric in r],
+            "first_stage": first[0] if first else None}
 
 
 def plot_history(jsonl: Path, png: Path, metric: str) -> Path | None:
-    """PNG of history_series: the loss, and the model's `metric` read against the untrained model and BM25."""
+    """PNG of history_series: the loss, and the model's `metric` read against the untrained model and the first
+    stage (the candidates' own order)."""
     import matplotlib
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
@@ -98,8 +98,8 @@ def plot_history(jsonl: Path, png: Path, metric: str) -> Path | None:
     ax2 = ax.twinx()
     if h["model"]:
         ax2.plot(*zip(*h["model"]), "o-", color="tab:red", label="model (step 0: untrained)")
-    if h["bm25"] is not None:
-        ax2.axhline(h["bm25"], color="tab:gray", linestyle="--", label=f"BM25 order ({h['bm25']:.3f})")
+    if h["first_stage"] is not None:
+        ax2.axhline(h["first_stage"], color="tab:gray", linestyle="--", label=f"first stage ({h['first_stage']:.3f})")
     ax2.set_ylabel(metric, color="tab:red")
     ax2.legend(loc="lower right", fontsize="small")
     ax.set_title(png.parent.name)
@@ -127,9 +127,11 @@ def start_run(cfg, out: Path) -> str | None:
     return checkpoint
 
 
-def baseline_metrics(out: Path, compute: Callable[[], dict]) -> dict:
-    """Metrics of the baselines (candidate order, untrained model), computed once per run and kept for resumes.
-    Every process calls `compute` (its evaluations are split across them); the main process writes the file."""
+def baseline_metrics(out: Path, compute: Callable[[], dict], curve_set: str) -> dict:
+    """Metrics before training (the first stage's order, the untrained model), computed once per run and kept for
+    resumes. The step-0 record of metrics.jsonl gets the untrained model's metrics on `curve_set` (the set of the
+    evaluations during training) under the trainer's names, and the first stage's as first_stage_<metric>.
+    Every process calls `compute` (its evaluations are split across them); the main process writes the files."""
     path = out / "baselines.json"
     done = path.exists()
     barrier()  # every process has looked before the main process may write the file (below)
@@ -139,11 +141,23 @@ def baseline_metrics(out: Path, compute: Callable[[], dict]) -> dict:
     if is_main_process():
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(res, indent=1))
+        curve = res[curve_set]
+        record = {"step": 0, **{f"eval_{curve_set}_{m}": v for m, v in curve["untrained"].items()},
+                  **{f"first_stage_{m}": v for m, v in curve["first_stage"].items()}}
         with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": 0, **{f"{k}_{m}": v for k, d in res.items() for m, v in d.items()}}) + "\n")
+            f.write(json.dumps(record) + "\n")
         os.replace(tmp, path)
     return res
 
+
+
+def merge(*tables: dict) -> dict:
+    """{set: {system: metrics}} tables joined set by set (baselines, then the trained model's rows)."""
+    out: dict = {}
+    for table in tables:
+        for name, row in table.items():
+            out[name] = {**out.get(name, {}), **row} if isinstance(row, dict) else row
+    return out
 
 def teacher_description(data_dir: Path) -> str:
     """What the teacher scores of a data folder are: the bundled sample's are not the BERT-CAT ensemble's."""
@@ -153,12 +167,14 @@ def teacher_description(data_dir: Path) -> str:
 
 
 def print_table(results: dict, title: str) -> None:
-    rows = {k: v for k, v in results.items() if isinstance(v, dict) and "MRR@10" in v}
-    cols = sorted({c for v in rows.values() for c in v}, key=lambda c: (c != "MRR@10", c))
-    w = max([12, *map(len, rows)]) + 1
-    print(f"\n{title}\n{'':{w}}" + "".join(f"{c:>12}" for c in cols))
-    for name, v in rows.items():
-        print(f"{name:{w}}" + "".join(f"{v[c]:12.4f}" if c in v else f"{'':12}" for c in cols))
+    """The metrics of every evaluation set in `results` ({set: {system: {metric: value}}}), one row per system."""
+    sets = {k: v for k, v in results.items() if isinstance(v, dict) and v
+            and all(isinstance(m, dict) and "MRR@10" in m for m in v.values())}
+    cols = sorted({c for v in sets.values() for m in v.values() for c in m}, key=lambda c: (c != "MRR@10", c))
+    print(f"\n{title}\n{'set':10}{'system':14}" + "".join(f"{c:>10}" for c in cols))
+    for name, systems in sets.items():
+        for system, m in systems.items():
+            print(f"{name:10}{system:14}" + "".join(f"{m[c]:10.4f}" if c in m else f"{'':10}" for c in cols))
 
 
 def save_model(trainer, model, out: Path) -> Path:

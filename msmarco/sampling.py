@@ -1,12 +1,14 @@
 """Batch samplers for the sentence-transformers trainers over datasets of tens of millions of rows: a seeded
-permutation computed batch by batch (no list of all indices), reshuffled every epoch, so that a resumed run replays
-its epoch exactly."""
+permutation computed batch by batch (no list of all indices), reshuffled every epoch; batches of similar lengths
+for the token batches (msmarco/batching.py); and the callback that tells a sampler its epoch whatever wraps it, so
+that a resumed run, one process or several, replays its epoch exactly."""
 from __future__ import annotations
 
-import functools
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
+from sentence_transformers.base.sampler import DefaultBatchSampler
+from transformers import TrainerCallback
 
 
 def feistel_order(n: int, seed: int, chunk: int = 1 << 16) -> Iterator[np.ndarray]:
@@ -32,29 +34,93 @@ def feistel_order(n: int, seed: int, chunk: int = 1 << 16) -> Iterator[np.ndarra
             yield y[y < n].astype(np.int64)
 
 
-@functools.cache
-def _shuffled_sampler_class():
-    from sentence_transformers.base.sampler import DefaultBatchSampler
+class ShuffledBatchSampler(DefaultBatchSampler):
+    """Random batches, reshuffled every epoch from seed + epoch (so a resumed run replays its epoch)."""
 
-    class ShuffledBatchSampler(DefaultBatchSampler):
-        """Random batches, reshuffled every epoch from seed + epoch (so a resumed run replays its epoch)."""
-
-        def __iter__(self):
-            n, size = len(self.sampler), self.batch_size  # the sampler is the dataset
-            carry = np.zeros(0, np.int64)
-            for part in feistel_order(n, self.seed * 1_000_003 + self.epoch):
-                carry = np.concatenate([carry, part])
-                while len(carry) >= size:
-                    yield carry[:size].tolist()
-                    carry = carry[size:]
-            if len(carry) and not self.drop_last:
-                yield carry.tolist()
-
-    return ShuffledBatchSampler
+    def __iter__(self):
+        size = self.batch_size
+        carry = np.zeros(0, np.int64)
+        for part in feistel_order(len(self.sampler), self.seed * 1_000_003 + self.epoch):  # the sampler is the dataset
+            carry = np.concatenate([carry, part])
+            while len(carry) >= size:
+                yield carry[:size].tolist()
+                carry = carry[size:]
+        if len(carry) and not self.drop_last:
+            yield carry.tolist()
 
 
 def shuffled_batches(dataset, batch_size: int, drop_last: bool, seed: int = 0, **_):
     """A `batch_sampler=` for the sentence-transformers trainers: random batches of a large dataset, reshuffled
     every epoch, in bounded memory and with no start-up cost (feistel_order). The default, torch's RandomSampler,
     turns a permutation of all rows into a Python list: for v2's 80M rows ~3 GB and ~5 s before the first step."""
-    return _shuffled_sampler_class()(dataset, batch_size=batch_size, drop_last=drop_last, seed=seed)
+    return ShuffledBatchSampler(dataset, batch_size=batch_size, drop_last=drop_last, seed=seed)
+
+
+class LengthGroupedBatchSampler(ShuffledBatchSampler):
+    """Batches of rows of similar lengths, in random order: the epoch's seeded permutation is cut into windows of
+    `window` batches; each window is sorted by length (`lengths(columns)` of its rows' dataset id columns), cut
+    into batches, and its batches are shuffled. Deterministic per seed and epoch, so a resumed run replays it."""
+
+    def __init__(self, dataset, *args, lengths: Callable[[dict], np.ndarray], window: int = 64, **kwargs):
+        super().__init__(dataset, *args, **kwargs)
+        table = dataset.data.table
+        self.columns = {c: table.column(c).to_numpy() for c in table.column_names}  # zero-copy views of the ids
+        self.lengths, self.window = lengths, window
+
+    def __iter__(self):
+        size, rng = self.batch_size, np.random.default_rng([self.seed, self.epoch])
+        todo = np.zeros(0, np.int64)
+        parts = feistel_order(len(self.sampler), self.seed * 1_000_003 + self.epoch)
+        done = False
+        while not done:
+            while len(todo) < size * self.window and not done:
+                part = next(parts, None)
+                done = part is None
+                if not done:
+                    todo = np.concatenate([todo, part])
+            window, todo = todo[:size * self.window], todo[size * self.window:]
+            if not len(window):
+                break
+            window = window[np.argsort(self.lengths({c: v[window] for c, v in self.columns.items()}), kind="stable")]
+            batches = [window[i:i + size] for i in range(0, len(window), size)]
+            if len(batches[-1]) < size and (done and not len(todo)) and self.drop_last:
+                batches.pop()
+            for i in rng.permutation(len(batches)):
+                yield batches[i].tolist()
+
+
+class length_grouped_batches:  # noqa: N801 - used like the function shuffled_batches
+    """A `batch_sampler=` for the trainers: LengthGroupedBatchSampler with `lengths` (e.g. PairBatches.row_lengths).
+    A class, not a closure, because the trainer pickles its arguments into every checkpoint."""
+
+    def __init__(self, lengths: Callable[[dict], np.ndarray], window: int = 64):
+        self.lengths, self.window = lengths, window
+
+    def __call__(self, dataset, batch_size: int, drop_last: bool, seed: int = 0, **_):
+        return LengthGroupedBatchSampler(dataset, batch_size=batch_size, drop_last=drop_last, seed=seed,
+                                         lengths=self.lengths, window=self.window)
+
+
+def _samplers_in(loader, depth: int = 5) -> Iterator[DefaultBatchSampler]:
+    """Batch samplers reachable from a dataloader through the wrappers accelerate puts around them."""
+    seen, todo = set(), [(loader, 0)]
+    while todo:
+        obj, d = todo.pop()
+        if obj is None or id(obj) in seen or d > depth:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, DefaultBatchSampler):
+            yield obj
+        for attr in ("batch_sampler", "sampler", "base_dataloader", "dataloader"):
+            todo.append((getattr(obj, attr, None), d + 1))
+
+
+class SamplerEpoch(TrainerCallback):
+    """Sets the epoch on the run's batch samplers at every epoch start. The Trainer's own set_epoch does not reach
+    them in a resumed multi-process run (accelerate's BatchSamplerShard, wrapped for skip_first_batches, has no
+    set_epoch), which would replay epoch 0's order there. state.epoch is the epoch being started (e + 0.0 after
+    epoch e - 1 ended; e + a fraction when resuming inside epoch e)."""
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        for sampler in _samplers_in(train_dataloader):
+            sampler.set_epoch(int(state.epoch or 0))

@@ -1,4 +1,6 @@
 """The bi-encoder recipe's data logic: the cross-encoder margin filter and the per-epoch negative rotation."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -129,7 +131,7 @@ def test_resumed_sampler_replays_the_same_batches(tmp_path):
     data = MSMarco(cfg.data_dir)
     positives, negatives = bi.training_queries(data, cfg)
     n = len(positives)
-    ds = bi.training_triplets(data, bi.rotation(positives, negatives, 3, cfg.seed))
+    ds = bi.training_triplets(bi.rotation(positives, negatives, 3, cfg.seed))
 
     def batches(epoch):
         sampler = bi.EpochBlockSampler(ds, batch_size=16, drop_last=False, seed=cfg.seed, rows_per_epoch=n,
@@ -141,9 +143,9 @@ def test_resumed_sampler_replays_the_same_batches(tmp_path):
     assert first == batches(1) and first != batches(2)
     flat = [i for b in first for i in b]
     assert sorted(flat) == list(range(n, 2 * n))  # exactly epoch 1's rows, each once
-    for b in first:  # no text twice in a batch
-        texts = [t for i in b for t in ds[i].values()]
-        assert len(texts) == len(set(texts))
+    for b in first:  # no text twice in a batch: no query or passage id twice
+        ids = [t for i in b for t in ds[i].values()]
+        assert len(ids) == len(set(ids))
 
 
 def test_bm25_triples_source_groups_the_triples_by_query(tmp_path):
@@ -168,7 +170,7 @@ def test_two_processes_split_each_epoch_between_them(tmp_path):
     data = MSMarco(cfg.data_dir)
     positives, negatives = bi.training_queries(data, cfg)
     n = len(positives)
-    ds = bi.training_triplets(data, bi.rotation(positives, negatives, 2, cfg.seed))
+    ds = bi.training_triplets(bi.rotation(positives, negatives, 2, cfg.seed))
 
     def shard(rank, epoch):
         sampler = bi.EpochBlockSampler(ds, batch_size=8, drop_last=True, seed=cfg.seed, rows_per_epoch=n,
@@ -183,3 +185,15 @@ def test_two_processes_split_each_epoch_between_them(tmp_path):
         assert len(rows) == len(set(rows)) and set(rows) <= set(range(epoch * n, (epoch + 1) * n))
         assert len(rows) >= n - 2 * 8 * 2  # all but the last, partial, round of batches
     assert shard(0, 0) != shard(0, 1)
+
+
+def test_max_steps_beyond_the_configured_epochs_train_on(tmp_path):
+    """--max_steps past the configured epochs: the Trainer goes on into further epochs, and the rotation covers them
+    (it used to end at `epochs`, and the sampler failed with an IndexError in the first epoch past them)."""
+    mod, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--epochs=1", "--batch_size=32", "--max_steps=8",
+                           "--eval_steps=8", "--max_seq_length=8")
+    res = mod.main(cfg)  # 179 training queries: 5 steps an epoch
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "loss" in r] == list(range(1, 9)) and history[-2]["epoch"] > 1
+    assert 0 <= res["dev-test"]["trained"]["MRR@10"] <= 1
+    assert bi.rotation_epochs(cfg, 179, world=1) >= 2 and bi.rotation_epochs(cfg, 179, world=2) >= 3

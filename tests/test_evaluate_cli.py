@@ -162,6 +162,36 @@ def test_interrupted_encoding_resumes(models, tmp_path):
     assert all(len(v) == 3 for v in tiny.values())
 
 
+
+def test_retrieval_scores_are_fp32_under_mixed_precision(models, monkeypatch):
+    """Passages may be encoded under bf16 autocast, but their similarities are computed in fp32: bf16 keeps about 3
+    significant digits, which tied the top ranks (then broken by pid string). amp=False encodes in fp32 too."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    model = SentenceTransformer(str(models["bi"]), device="cpu")
+    coll = _Head(MSMarco(SAMPLE).collection(), 300)
+    rs = evaluation.RerankSet("t", [1, 2, 3], ["what is a bank", "how long do cats sleep", "symptoms of flu"],
+                              [], [], {"1": {"0": 1}, "2": {"1": 1}, "3": {"2": 1}}, 1)
+    monkeypatch.setattr(evaluation, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    seen = []
+    real = evaluation.dense_retrieval_run
+
+    def spy(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+    monkeypatch.setattr(evaluation, "dense_retrieval_run", spy)
+    evaluation.RetrievalEvaluator(rs, coll, k=20, batch_size=32).metrics(model)
+    for docs in seen[-1].values():  # 20 distinct scores per query: no ties
+        assert len(set(docs.values())) == 20
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the scores were before: bf16 similarities
+        q = model.encode_query(rs.queries, convert_to_tensor=True)
+        p = model.encode_document([coll.text_at(r) for r in range(300)], convert_to_tensor=True)
+        bf16 = model.similarity(q, p).topk(20).values
+    assert min(len(set(row.tolist())) for row in bf16) < 20
+    evaluation.RetrievalEvaluator(rs, coll, k=20, batch_size=32, amp=False).metrics(model)
+    fp32 = real(model, rs.queries, rs.qids, coll, 20, 32)  # outside any autocast
+    assert all(seen[-1][q] == pytest.approx(fp32[q], abs=1e-6) for q in fp32)
+
 def test_cross_encoder_rerank_matches_ir_measures(models, tmp_path):
     report = evaluate.main(_cfg(models["ce"], tmp_path, depth=20))
     assert report["model_type"] == "cross-encoder"

@@ -26,3 +26,39 @@ def test_shuffled_batches_cover_each_row_once_per_epoch_and_replay_by_epoch():
     assert sorted(i for b in first for i in b) == ds and len(first) == 11 and [len(b) for b in first][-1] == 3
     assert first == batches(0) and first != batches(1) and first != batches(0, seed=6)
     assert len(batches(0, drop_last=True)) == 10 == len(sampling.shuffled_batches(ds, 10, True))
+
+
+def test_length_grouped_batches_cover_each_row_once_and_replay_by_epoch():
+    from msmarco.data import id_dataset
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 300, 5_000)
+    ds = id_dataset({"row": np.arange(5_000)}, "t")
+
+    def batches(epoch, seed=3, drop_last=False):
+        s = sampling.LengthGroupedBatchSampler(ds, batch_size=16, drop_last=drop_last, seed=seed,
+                                               lengths=lambda cols: lengths[cols["row"]], window=20)
+        s.set_epoch(epoch)
+        return list(s)
+    first = batches(0)
+    assert sorted(i for b in first for i in b) == list(range(5_000)) and len(first) == 313
+    assert first == batches(0) and first != batches(1) and first != batches(0, seed=4)
+    assert len(batches(0, drop_last=True)) == 312
+    spread = np.mean([np.ptp(lengths[b]) for b in first])  # a random batch of 16 spans ~250 tokens
+    assert spread < 40
+    starts = [lengths[b].mean() for b in first[:40]]  # the batches of a window come in random order
+    assert not (np.all(np.diff(starts) >= 0) or np.all(np.diff(starts) <= 0))
+
+
+def test_the_epoch_reaches_a_sampler_whatever_wraps_it():
+    """A resumed multi-process run iterates SkipBatchSampler(BatchSamplerShard(sampler)); the Trainer's set_epoch
+    does not reach the sampler through them (accelerate 1.x), which replayed epoch 0's order. SamplerEpoch does."""
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
+    ds = list(range(100))
+    sampler = sampling.shuffled_batches(ds, batch_size=10, drop_last=False, seed=1)
+    loader = SimpleNamespace(batch_sampler=SkipBatchSampler(BatchSamplerShard(sampler, 2, 1), skip_batches=1))
+    sampling.SamplerEpoch().on_epoch_begin(None, SimpleNamespace(epoch=3.4), None, train_dataloader=loader)
+    assert sampler.epoch == 3
+    sampling.SamplerEpoch().on_epoch_begin(None, SimpleNamespace(epoch=4.0), None, train_dataloader=loader)
+    assert sampler.epoch == 4

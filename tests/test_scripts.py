@@ -25,7 +25,7 @@ def load(name: str):
 
 
 TINY = ["--sample", "--max_steps=4", "--eval_steps=2", "--eval_queries=6", "--eval_candidates=6",
-        "--batch_size=4", "--logging_steps=1"]
+        "--batch_size=4", "--logging_steps=1", "--report_splits="]
 TINY_LEN = {"train_cross-encoder-v1": ["--max_length=48"], "train_cross-encoder-v2": ["--max_length=48"],
             "train_bi-encoder-v2": ["--max_seq_length=16", "--retrieval_k=20", "--retrieval_eval=false"]}
 # retrieval from the whole sample collection (28k passages) is run by the torchrun test (before, during and
@@ -37,11 +37,16 @@ def tiny_config(name: str, out, *extra: str):
     return mod, config.script_config(mod.Config(), mod.SAMPLE, TINY + TINY_LEN[name] + [f"--output_dir={out}", *extra])
 
 
+def dev_test(cfg) -> evaluation.RerankSet:
+    """The script's dev-test set: its first stage's candidates of held-out dev queries that chose nothing."""
+    return evaluation.load_rerank_set(MSMarco(cfg.data_dir), "dev-test", cfg.eval_queries, cfg.eval_candidates,
+                                      cfg.first_stage, seed=cfg.seed)
+
+
 def rerun_metrics(name: str, model_dir, cfg) -> dict:
-    """Metrics of the saved model, loaded with stock sentence-transformers, on the script's held-out set."""
+    """Metrics of the saved model, loaded with stock sentence-transformers, on the script's dev-test set."""
     from sentence_transformers import CrossEncoder, SentenceTransformer
-    data = MSMarco(cfg.data_dir)
-    dev = evaluation.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
+    dev = dev_test(cfg)
     if name.startswith("train_bi"):
         return evaluation.rerank_metrics(evaluation.bi_encoder_run(SentenceTransformer(str(model_dir)), dev), dev)
     return evaluation.rerank_metrics(evaluation.cross_encoder_run(CrossEncoder(str(model_dir)), dev), dev)
@@ -58,16 +63,19 @@ def test_trains_evaluates_saves_and_reloads(name, tmp_path):
     assert json.loads((out / "config.json").read_text())["max_steps"] == 4
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]
-    assert any("eval_dev_MRR@10" in r for r in history)
+    assert [r["step"] for r in history if "eval_dev-tune_MRR@10" in r] == [0, 2, 4]  # 0: the untrained model
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    for key in ("bm25", "untrained", "trained"):
-        assert 0.0 <= res[key]["MRR@10"] <= 1.0
-    # the bm25 baseline is the candidate order, scored by the shared metrics
-    data = MSMarco(cfg.data_dir)
-    dev = evaluation.load_rerank_set(data, "dev", cfg.eval_queries, cfg.eval_candidates, seed=cfg.seed)
-    assert res["bm25"] == evaluation.rerank_metrics(evaluation.candidate_order_run(dev), dev)
+    for key in ("first_stage", "untrained"):
+        assert 0.0 <= res["dev-tune"][key]["MRR@10"] <= 1.0
+    for key in ("first_stage", "trained"):
+        assert 0.0 <= res["dev-test"][key]["MRR@10"] <= 1.0
+    # the first-stage baseline is the BM25 run's order of the same candidates, scored by the shared metrics
+    dev = dev_test(cfg)
+    assert "runs/bm25/dev.run" in dev.first_stage and all(len(c) == 6 for c in dev.candidates)
+    assert res["dev-test"]["first_stage"] == evaluation.rerank_metrics(evaluation.candidate_order_run(dev), dev)
+    assert set(dev.qids).isdisjoint(evaluation.load_rerank_set(MSMarco(cfg.data_dir), "dev-tune").qids)
     # the saved model is the one the script evaluated, and loads with stock sentence-transformers
-    assert rerun_metrics(name, out / "model", cfg) == pytest.approx(res["trained"], abs=1e-9)
+    assert rerun_metrics(name, out / "model", cfg) == pytest.approx(res["dev-test"]["trained"], abs=1e-9)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -84,7 +92,7 @@ def test_resume_continues_from_checkpoint(name, tmp_path, capsys):
     assert "resuming from" in capsys.readouterr().out
     history = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]  # no step logged twice
-    assert resumed["trained"] == pytest.approx(full["trained"], abs=1e-6)
+    assert resumed["dev-test"]["trained"] == pytest.approx(full["dev-test"]["trained"], abs=1e-6)
     a = load_state(name, tmp_path / "full" / "model")
     b = load_state(name, tmp_path / "cut" / "model")
     assert a.keys() == b.keys()
@@ -150,10 +158,11 @@ def test_v2_margin_mse_trains(tmp_path):
     res = mod.main(cfg)
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in history if "loss" in r)
-    assert 0 <= res["trained"]["MRR@10"] <= 1
+    assert 0 <= res["dev-test"]["trained"]["MRR@10"] <= 1
 
 
 def test_v2_teacher_samples_are_the_teacher_lines(tmp_path):
+    from msmarco.data import TeacherSamples
     mod, cfg = tiny_config("train_cross-encoder-v2", tmp_path, "--max_lines=-1")
     data = MSMarco(cfg.data_dir)
     train_lines, held = mod.teacher_split(data, cfg)
@@ -161,14 +170,16 @@ def test_v2_teacher_samples_are_the_teacher_lines(tmp_path):
     assert len(np.intersect1d(teacher["qid"][train_lines], teacher["qid"][held])) == 0
     assert len(train_lines) + len(held) == len(teacher)
     ds = mod.training_samples(data, train_lines[:3], "mse")
-    rows = [ds[i] for i in range(6)]
+    qids, pids, labels = TeacherSamples(data, margin=False)({"row": np.asarray([ds[i]["row"] for i in range(6)])})
     for i, line in enumerate(train_lines[:3]):
         rec = teacher[line]
-        q = data.queries("train")[int(rec["qid"])]
-        assert rows[2 * i] == {"query": q, "passage": data.collection()[int(rec["pid_pos"])],
-                               "label": pytest.approx(float(rec["pos_score"]))}
-        assert rows[2 * i + 1]["passage"] == data.collection()[int(rec["pid_neg"])]
-        assert rows[2 * i + 1]["label"] == pytest.approx(float(rec["neg_score"]))
+        assert (qids[2 * i], pids[2 * i], labels[2 * i]) == (rec["qid"], rec["pid_pos"], rec["pos_score"])
+        assert (qids[2 * i + 1], pids[2 * i + 1], labels[2 * i + 1]) == (rec["qid"], rec["pid_neg"], rec["neg_score"])
+    ds = mod.training_samples(data, train_lines[:3], "margin_mse")
+    qids, pids, margins = TeacherSamples(data, margin=True)({"row": np.asarray([ds[i]["row"] for i in range(3)])})
+    rec = teacher[train_lines[:3]]
+    assert pids.tolist() == np.stack([rec["pid_pos"], rec["pid_neg"]], 1).tolist()
+    np.testing.assert_array_equal(margins, rec["pos_score"] - rec["neg_score"])
 
 
 def test_v1_pairs_follow_the_negative_ratio(tmp_path):
@@ -178,8 +189,8 @@ def test_v1_pairs_follow_the_negative_ratio(tmp_path):
     labels = [ds[i]["label"] for i in range(len(ds))]
     assert len(ds) == 50 and labels.count(1.0) == 10 and labels[0] == 1.0 and labels[1:5] == [0.0] * 4
     t = data.triples()
-    assert ds[0]["passage"] == data.collection()[int(t[0, 1])]  # the first triple's positive
-    assert ds[1]["passage"] == data.collection()[int(t[0, 2])]  # then its negative
+    assert ds[0]["pid"] == int(t[0, 1])  # the first triple's positive
+    assert ds[1]["pid"] == int(t[0, 2])  # then its negative
 
 
 def test_v1_pairs_put_each_positive_just_before_its_triples_negative(tmp_path):
@@ -194,15 +205,15 @@ def test_v1_pairs_put_each_positive_just_before_its_triples_negative(tmp_path):
 
 
 def test_plot_and_logs_compare_with_the_baselines(tmp_path):
-    """metrics.png reads the model against the untrained model (its point at step 0) and the BM25 order (a line);
+    """metrics.png reads the model against the untrained model (its point at step 0) and the first stage (a line);
     --report_to reaches the trainer (here tensorboard event files, written with tensorboardX)."""
     from msmarco import run
     mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--report_to=tensorboard")
     res = mod.main(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    h = run.history_series(rows, "eval_dev_MRR@10")
-    assert h["model"][0] == (0, res["untrained"]["MRR@10"]) and [s for s, _ in h["model"]] == [0, 2, 4]
-    assert h["bm25"] == res["bm25"]["MRR@10"] and [s for s, _ in h["loss"]] == [1, 2, 3, 4]
+    h = run.history_series(rows, "eval_dev-tune_MRR@10")
+    assert h["model"][0] == (0, res["dev-tune"]["untrained"]["MRR@10"]) and [s for s, _ in h["model"]] == [0, 2, 4]
+    assert h["first_stage"] == res["dev-tune"]["first_stage"]["MRR@10"] and [s for s, _ in h["loss"]] == [1, 2, 3, 4]
     assert (tmp_path / "metrics.png").stat().st_size > 10_000
     assert list(tmp_path.rglob("events.out.tfevents.*")), "no tensorboard logs"
 

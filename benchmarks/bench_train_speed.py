@@ -1,0 +1,305 @@
+"""Training speed of each recipe: the stock trainer configuration against the project's, in one process.
+
+    python benchmarks/bench_train_speed.py                           # CPU, offline base model, both presets, ~10 min
+    python benchmarks/bench_train_speed.py --preset=sample --steps=3 # quicker
+    python benchmarks/bench_train_speed.py --device=cuda --steps=50  # on a GPU (benchmarks/gpu_check.sh runs it)
+
+For each recipe (v1: BCE pairs, v2: MSE on teacher lines, bi: MNRL triplets) and preset (its --sample lengths and
+batch size, or its full-scale defaults), the same model, data and samples per step run N optimizer steps through the
+real sentence-transformers trainer in two configurations:
+  (a) stock:   text rows, the trainer's default batch sampler and collator, the stock loss (which tokenizes);
+  (b) project: id rows, the script's batch sampler (length-grouped for the cross-encoders), token-id batches cut into
+               length chunks (msmarco/batching.py), the stock loss fed by them (on_token_batches).
+Printed and written as JSON (--out) per recipe, preset and configuration: samples/s and real tokens/s; padded tokens
+per real token (what the model was given / what was text and special tokens, counted at the model's input); host ms
+per step (step wall time outside the model's forward and backward passes: data, collation, tokenization, optimizer,
+trainer bookkeeping); peak memory (RSS on a CPU, reset between configurations; torch.cuda.max_memory_allocated on a
+GPU); and the ratio b / a of samples/s. Then the data pipeline alone, no model: samples/s that one core feeds
+(torch and tokenizers on one thread), the stock pipeline including its tokenization.
+The first `--warmup` steps of each configuration are not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from msmarco.batching import PairBatches, TextBatches, batch_shape, on_token_batches  # noqa: E402
+from msmarco.config import parse_cli  # noqa: E402
+from msmarco.data import MSMarco, TeacherSamples  # noqa: E402
+from msmarco.models import cross_encoder, resolve_model  # noqa: E402
+from msmarco.sampling import length_grouped_batches  # noqa: E402
+
+SCRIPTS = {"v1": "train_cross-encoder-v1", "v2": "train_cross-encoder-v2", "bi": "train_bi-encoder-v2"}
+LENGTH = {"v1": "max_length", "v2": "max_length", "bi": "max_seq_length"}
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPO / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def script_cfg(recipe: str, preset: str, a: argparse.Namespace):
+    """The script's config: its --sample preset (lengths, batch) or its full-scale defaults, on a.data_dir."""
+    mod = load_script(SCRIPTS[recipe])
+    cfg = mod.Config()
+    if preset == "sample":
+        cfg = parse_cli(cfg.__class__(**{**cfg.__dict__, **mod.SAMPLE}), [])
+    over = {"data_dir": a.data_dir, "model_name": a.model, "attn_implementation": a.attn}
+    if a.max_length:
+        over[LENGTH[recipe]] = a.max_length
+    if a.batch_size:
+        over["batch_size"] = a.batch_size
+    return mod, cfg.__class__(**{**cfg.__dict__, **over})
+
+
+def peak_mib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:")) / 1024
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux)
+        except OSError:
+            pass
+
+
+class Meter:
+    """Times the model's forward passes and the backward passes, and counts the real and padded tokens the model
+    is given, through hooks on the model and a wrapper of the accelerator's backward."""
+
+    def __init__(self, model, trainer, device: str):
+        self.device = device
+        self.fwd = self.bwd = 0.0
+        self.real = self.padded = 0
+        self.step_times: list[float] = []
+        self._t = 0.0
+        model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        model.register_forward_hook(self._post, with_kwargs=True)
+        backward = trainer.accelerator.backward
+
+        def timed_backward(loss, **kw):
+            self._sync()
+            t = time.perf_counter()
+            backward(loss, **kw)
+            self._sync()
+            self.bwd += time.perf_counter() - t
+        trainer.accelerator.backward = timed_backward
+
+    def _sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def _pre(self, module, args, kwargs):
+        if module.training:
+            features = args[0] if args else kwargs.get("input")
+            mask = features["attention_mask"]
+            self.real += int(mask.sum())
+            self.padded += int(mask.numel())
+            self._sync()
+            self._t = time.perf_counter()
+
+    def _post(self, module, args, kwargs, output):
+        if module.training:
+            self._sync()
+            self.fwd += time.perf_counter() - self._t
+
+    def reset(self):
+        self.fwd = self.bwd = 0.0
+        self.real = self.padded = 0
+
+
+def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, seed: int):
+    """A trainer for `steps` steps of `config` ("stock" or "project"), without evaluation or checkpoints."""
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, MSELoss
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    data = MSMarco(cfg.data_dir)
+    torch.manual_seed(seed)
+    common = dict(output_dir=str(REPO / "output" / "bench_train_speed"), max_steps=steps,
+                  per_device_train_batch_size=cfg.batch_size, learning_rate=1e-5, warmup_steps=0,
+                  save_strategy="no", eval_strategy="no", logging_steps=10**6, report_to="none", seed=seed,
+                  use_cpu=device == "cpu", bf16=False, disable_tqdm=True)
+    if recipe in ("v1", "v2"):
+        model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=torch.nn.Identity(),
+                              attn=cfg.attn_implementation).to(device)
+        if recipe == "v1":
+            ids = mod.training_pairs(data, cfg)
+            resolve, stock_loss = None, BinaryCrossEntropyLoss(model)
+        else:
+            lines, _ = mod.teacher_split(data, cfg)
+            ids = mod.training_samples(data, lines, "mse")
+            resolve, stock_loss = TeacherSamples(data, margin=False), MSELoss(model)
+        batches = PairBatches(data, model.tokenizer, batch_shape(cfg.max_length, cfg.pad_multiple, cfg.chunk_cost),
+                              resolve=resolve)
+        if config == "stock":
+            queries, collection = data.queries("train"), data.collection()
+            pairs_of = resolve or (lambda c: (c["qid"], c["pid"], c["label"]))
+
+            def to_text(batch):
+                qids, pids, labels = pairs_of({k: np.asarray(v) for k, v in batch.items()})
+                return {"query": queries.get_many(qids), "passage": collection.get_many(pids),
+                        "label": np.asarray(labels, np.float32).tolist()}
+            kw = dict(train_dataset=ids.with_transform(to_text), loss=stock_loss)
+        else:
+            kw = dict(train_dataset=ids, loss=on_token_batches(stock_loss), data_collator=batches)
+            common["batch_sampler"] = length_grouped_batches(batches.row_lengths, cfg.length_window)
+        trainer = CrossEncoderTrainer(model=model, args=CrossEncoderTrainingArguments(**common), **kw)
+    else:
+        t = Transformer(resolve_model(cfg.model_name), max_seq_length=cfg.max_seq_length,
+                        model_kwargs={"attn_implementation": cfg.attn_implementation})
+        model = SentenceTransformer(modules=[t, Pooling(t.get_embedding_dimension(), "mean")]).to(device)
+        positives, negatives = mod.training_queries(data, cfg)
+        rows = mod.rotation(positives, negatives, 1, cfg.seed)
+        ids = mod.training_triplets(rows)
+        loss = MultipleNegativesRankingLoss(model, scale=cfg.scale)
+        if config == "stock":
+            queries, collection = data.queries("train"), data.collection()
+
+            def to_text(batch):
+                return {"query": queries.get_many(batch["qid"]), "positive": collection.get_many(batch["pos"]),
+                        "negative": collection.get_many(batch["neg"])}
+            kw = dict(train_dataset=ids.with_transform(to_text), loss=loss)
+        else:
+            batches = TextBatches(data, model.tokenizer, batch_shape(cfg.max_seq_length, cfg.pad_multiple,
+                                                                     cfg.chunk_cost))
+            kw = dict(train_dataset=ids, loss=on_token_batches(loss), data_collator=batches)
+            common["batch_sampler"] = functools.partial(mod.EpochBlockSampler, rows_per_epoch=len(positives))
+        trainer = SentenceTransformerTrainer(model=model, args=SentenceTransformerTrainingArguments(**common), **kw)
+    return trainer, model
+
+
+def run_config(recipe, mod, cfg, config, a) -> dict:
+    from transformers import TrainerCallback
+    trainer, model = make_trainer(recipe, mod, cfg, config, a.device, a.warmup + a.steps, a.seed)
+    meter = Meter(model, trainer, a.device)
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            meter._sync()
+            self.t = time.perf_counter()
+            if state.global_step == a.warmup:
+                meter.reset()
+                reset_peak(a.device)
+
+        def on_step_end(self, args, state, control, **kw):
+            meter._sync()
+            if state.global_step > a.warmup:
+                meter.step_times.append(time.perf_counter() - self.t)
+    trainer.add_callback(Steps())
+    reset_peak(a.device)
+    trainer.train()
+    wall = sum(meter.step_times)
+    n = len(meter.step_times)
+    samples = n * cfg.batch_size
+    out = {"steps": n, "samples_per_s": samples / wall, "real_tokens_per_s": meter.real / wall,
+           "padded_per_real": meter.padded / max(1, meter.real), "host_ms_per_step": 1000 * (wall - meter.fwd - meter.bwd) / n,
+           "forward_ms_per_step": 1000 * meter.fwd / n, "backward_ms_per_step": 1000 * meter.bwd / n,
+           "peak_mib": peak_mib(a.device)}
+    out["pipeline_samples_per_s"] = pipeline_rate(trainer, model, recipe, config, a.pipeline_batches)
+    del trainer, model
+    return out
+
+
+def pipeline_rate(trainer, model, recipe: str, config: str, batches: int) -> float:
+    """Samples/s of the data pipeline alone on one core: sampler, dataset rows, collation; for the stock
+    cross-encoders also the tokenization that their loss does (model.preprocess)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        loader = trainer.get_train_dataloader()
+        n, t = 0, time.perf_counter()
+        for i, batch in enumerate(loader):
+            if config == "stock" and recipe in ("v1", "v2"):
+                model.preprocess(list(zip(batch["query"], batch["passage"])))
+            n += rows_in(batch)
+            if i + 1 >= batches:
+                break
+        return n / (time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def rows_in(batch: dict) -> int:
+    """Rows of a collated batch: its labels, or its queries (stock input ids, or a token batch's row order)."""
+    for key in ("label", "query_order", "query_input_ids"):
+        if key in batch:
+            return len(batch[key])
+    raise KeyError(f"cannot count the rows of a batch with keys {sorted(batch)}")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipes", default="v1,v2,bi")
+    p.add_argument("--preset", choices=["sample", "full", "both"], default="both")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default="offline:all-MiniLM-L6-v2")
+    p.add_argument("--data_dir", default="data/sample")
+    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per configuration")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--max_length", type=int, default=0, help="override the preset's sequence length")
+    p.add_argument("--batch_size", type=int, default=0, help="override the preset's batch size")
+    p.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, eager, flash_attention_2")
+    p.add_argument("--pipeline_batches", type=int, default=100, help="batches drawn to time the data pipeline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    a = p.parse_args(argv)
+    results = {"device": a.device, "model": a.model, "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "runs": []}
+    if a.device == "cuda":
+        results["gpu"] = torch.cuda.get_device_name()
+    presets = ["sample", "full"] if a.preset == "both" else [a.preset]
+    for recipe in a.recipes.split(","):
+        for preset in presets:
+            mod, cfg = script_cfg(recipe, preset, a)
+            row = {"recipe": recipe, "preset": preset, "max_length": getattr(cfg, LENGTH[recipe]),
+                   "batch_size": cfg.batch_size}
+            for config in ("stock", "project"):
+                row[config] = run_config(recipe, mod, cfg, config, a)
+            row["ratio"] = row["project"]["samples_per_s"] / row["stock"]["samples_per_s"]
+            results["runs"].append(row)
+            print_row(row, flush=True)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def print_row(row: dict, flush: bool = False) -> None:
+    head = f"{row['recipe']} {row['preset']} (length {row['max_length']}, batch {row['batch_size']})"
+    print(f"\n{head}: project / stock = {row['ratio']:.2f}x samples/s")
+    print(f"{'':9}{'samples/s':>10}{'tokens/s':>10}{'pad/real':>9}{'host ms':>9}{'fwd ms':>9}{'bwd ms':>9}"
+          f"{'peak MiB':>10}{'pipeline/s':>11}")
+    for config in ("stock", "project"):
+        r = row[config]
+        print(f"{config:9}{r['samples_per_s']:10.2f}{r['real_tokens_per_s']:10.0f}{r['padded_per_real']:9.2f}"
+              f"{r['host_ms_per_step']:9.1f}{r['forward_ms_per_step']:9.1f}{r['backward_ms_per_step']:9.1f}"
+              f"{r['peak_mib']:10.0f}{r['pipeline_samples_per_s']:11.0f}", flush=flush)
+
+
+if __name__ == "__main__":
+    main()
