@@ -85,6 +85,13 @@ def cross_encoder(model_name: str, max_length: int, pooling: str, activation=Non
 
 
 def head_bias(model):
-    """The bias of a cross_encoder()'s one-logit head, to initialise it."""
-    head = model[0].auto_model.classifier if len(model) == 1 else model[-1].linear
-    return head.bias.data
+    """The bias of a cross_encoder()'s one-logit head, to initialise it: that of its last one-output Linear layer,
+    as heads differ (BERT: classifier; DistilBERT: pre_classifier + classifier; RoBERTa, ELECTRA: classifier.dense
+    + classifier.out_proj; pooling=mean: the Dense layer's linear)."""
+    import torch
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1][-1:]
+    if not last or last[0].bias is None:
+        name = type(model[0].auto_model).__name__ if len(model) == 1 else type(model).__name__
+        raise SystemExit(f"{name} has no one-logit Linear layer with a bias to initialise; use --pooling=mean "
+                         "or a base model with a BERT, DistilBERT, RoBERTa or ELECTRA style head")
+    return last[0].bias.data
