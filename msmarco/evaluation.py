@@ -212,7 +212,7 @@ class RetrievalEvaluator(BaseEvaluator):
         was_training = model.training
         model.eval()
         try:
-            with autocast(model.device):  # encoding the collection in bf16, as fp16 caches do at scale
+            with autocast(model.device):  # encoding the collection in bf16 or fp16, as fp16 caches do at scale
                 run = dense_retrieval_run(model, self.rs.queries, self.rs.qids, self.collection, self.k,
                                           self.batch_size, rows=range(n * rank // world, n * (rank + 1) // world))
         finally:

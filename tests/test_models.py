@@ -1,5 +1,9 @@
 """msmarco/models.py: the one-logit head of cross_encoder() on the encoders the recipes name (BERT, DistilBERT,
-RoBERTa, ELECTRA), built here as tiny random-weight models, offline."""
+RoBERTa, ELECTRA), built here as tiny random-weight models, offline; the mixed precision a run trains and scores in,
+on simulated GPUs and CPUs."""
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -50,3 +54,41 @@ def test_head_bias_without_a_biased_logit_layer_names_the_model(tiny_models):
     model[0].auto_model.classifier = torch.nn.Linear(32, 1, bias=False)
     with pytest.raises(SystemExit, match="BertForSequenceClassification"):
         models.head_bias(model)
+
+
+def simulate(monkeypatch, gpu: tuple | None, amx: bool = False) -> None:
+    """This machine as a CUDA GPU of compute capability `gpu` (None: no GPU) and a CPU with or without AMX tiles.
+    torch.cuda.is_bf16_supported itself runs, over a device where a bf16 tensor can be made (emulated on GPUs
+    before 8.0), as on a real V100 or T4."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=gpu[0],
+                                                                                                 minor=gpu[1]))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+@pytest.mark.parametrize("machine,gpu,amx,args,dtype", [
+    ("H100", (9, 0), False, {"bf16": True, "fp16": False, "use_cpu": False}, torch.bfloat16),
+    ("A100", (8, 0), True, {"bf16": True, "fp16": False, "use_cpu": False}, torch.bfloat16),
+    ("V100", (7, 0), False, {"bf16": False, "fp16": True, "use_cpu": False}, torch.float16),  # bf16 only emulated
+    ("T4", (7, 5), True, {"bf16": False, "fp16": True, "use_cpu": False}, torch.float16),
+    ("CPU with AMX", None, True, {"bf16": True, "fp16": False, "use_cpu": True}, torch.bfloat16),
+    ("CPU without AMX", None, False, {"bf16": False, "fp16": False, "use_cpu": True}, None),
+])
+def test_mixed_precision_where_it_pays(monkeypatch, machine, gpu, amx, args, dtype):
+    simulate(monkeypatch, gpu, amx)
+    if gpu is not None:
+        assert torch.cuda.is_bf16_supported()  # what the trainers chose by: emulation counts
+    assert models.precision_args(True) == args
+    assert models.precision_args(False) == {"bf16": False, "fp16": False, "use_cpu": gpu is None}
+    device = "cuda" if gpu else "cpu"
+    ctx = models.autocast(torch.device(device))
+    if dtype is None:
+        assert isinstance(ctx, contextlib.nullcontext)
+    else:
+        assert isinstance(ctx, torch.autocast) and ctx.device == device and ctx.fast_dtype == dtype
+    # a model left on the CPU of a GPU machine scores as that CPU allows; other devices without autocast
+    assert isinstance(models.autocast("cpu"), torch.autocast) == amx
+    assert isinstance(models.autocast("meta"), contextlib.nullcontext)
