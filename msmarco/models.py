@@ -35,8 +35,9 @@ def amp_dtype(device_type: str):
 
     bf16 on a GPU with native bf16 (compute capability 8.0+: A100, H100, RTX 30xx on) and on CPUs with AMX tiles
     (bf16 matrix units: 1.4x faster training steps and 2.6x faster scoring of MiniLM-L6 on a 2-core Xeon than fp32).
-    Older GPUs (V100, T4) only emulate bf16, which torch.cuda.is_bf16_supported() counts unless told not to, and
-    which runs slower than fp32 there: they get fp16, as the original sentence-transformers recipes' AMP did."""
+    Older GPUs (V100, T4) only emulate bf16 (no bf16 tensor cores), which torch.cuda.is_bf16_supported() counts
+    unless told not to: they get fp16, which their tensor cores run, as the original sentence-transformers recipes'
+    AMP did."""
     import torch
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
