@@ -47,7 +47,7 @@ from msmarco.distributed import main_process_first, process_group
 from msmarco.errors import user_errors
 from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_run, evaluation_sets,
                                 rerank_table)
-from msmarco.models import bf16_args, freeze_unused_pooler, resolve_model
+from msmarco.models import freeze_unused_pooler, precision_args, resolve_model
 from msmarco.paths import resolve_dir
 from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run
 from msmarco.sampling import SamplerEpoch
@@ -88,7 +88,7 @@ class Config:
     logging_steps: int = 100  # log the training loss every this many steps
     save_total_limit: int = 2  # checkpoints kept besides the best
     report_to: str = "none"  # also log to tensorboard or wandb (the HF Trainer's report_to; needs that package)
-    bf16: bool = True  # bf16 autocast where the hardware has bf16 matrix units (recent GPUs, CPUs with AMX)
+    amp: bool = True  # mixed precision: bf16 on GPUs with native bf16 and CPUs with AMX, fp16 on older GPUs (V100, T4)
     seed: int = 12  # negative order, data order, held-out query choice
     resume: bool = True  # continue from the newest checkpoint of output/train_bi-encoder-v2
     output_dir: str = "output/train_bi-encoder-v2"  # relative to the repository
@@ -267,7 +267,7 @@ def main(cfg: Config) -> dict:
     # 4. Evaluation before training: the first stage's order and the untrained model, reranking every set; dense
     #    retrieval of the dev-test queries from the whole collection.
     rerank = RerankEvaluator(tune, bi_encoder_run)
-    retrieval = RetrievalEvaluator(reports[0], data.collection(), k=cfg.retrieval_k)
+    retrieval = RetrievalEvaluator(reports[0], data.collection(), k=cfg.retrieval_k, amp=cfg.amp)
     baselines = baseline_metrics(out, lambda: {
         **rerank_table([tune, *reports], bi_encoder_run, {"untrained": model}),
         **({"retrieval": {"untrained": retrieval.metrics(model)}} if cfg.retrieval_eval else {})}, tune.name)
@@ -276,14 +276,14 @@ def main(cfg: Config) -> dict:
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, **bf16_args(cfg.bf16), seed=cfg.seed,
+        weight_decay=cfg.weight_decay, **precision_args(cfg.amp), seed=cfg.seed,
         batch_sampler=partial(EpochBlockSampler, rows_per_epoch=len(positives)),
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{rerank.name}_MRR@10", logging_steps=cfg.logging_steps,
         report_to=cfg.report_to, ddp_find_unused_parameters=False)
-    during = [rerank, RetrievalEvaluator(tune, data.collection(), k=cfg.retrieval_k)] if cfg.retrieval_every_eval \
-        else rerank
+    during = [rerank, RetrievalEvaluator(tune, data.collection(), k=cfg.retrieval_k, amp=cfg.amp)] \
+        if cfg.retrieval_every_eval else rerank
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=during,
                                          data_collator=batches,
                                          callbacks=[metric_history(out / "metrics.jsonl"), SamplerEpoch()])

@@ -41,7 +41,7 @@ from msmarco.data import MSMarco, TeacherSamples, distinct_ids, id_dataset
 from msmarco.distributed import is_main_process, main_process_first, split_work
 from msmarco.errors import user_errors
 from msmarco.evaluation import RerankEvaluator, cross_encoder_run, evaluation_sets, rerank_table
-from msmarco.models import bf16_args, cross_encoder, head_bias
+from msmarco.models import cross_encoder, head_bias, precision_args
 from msmarco.paths import resolve_dir
 from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run, teacher_description
 from msmarco.sampling import SamplerEpoch, length_grouped_batches
@@ -74,7 +74,7 @@ class Config:
     logging_steps: int = 100  # log the training loss every this many steps
     save_total_limit: int = 2  # checkpoints kept besides the best
     report_to: str = "none"  # also log to tensorboard or wandb (the HF Trainer's report_to; needs that package)
-    bf16: bool = True  # bf16 autocast where the hardware has bf16 matrix units (recent GPUs, CPUs with AMX)
+    amp: bool = True  # mixed precision: bf16 on GPUs with native bf16 and CPUs with AMX, fp16 on older GPUs (V100, T4)
     seed: int = 12  # data order, head initialisation, held-out query choice
     resume: bool = True  # continue from the newest checkpoint of output/train_cross-encoder-v2
     output_dir: str = "output/train_cross-encoder-v2"  # relative to the repository
@@ -174,7 +174,7 @@ def main(cfg: Config) -> dict:
     args = CrossEncoderTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, **bf16_args(cfg.bf16), seed=cfg.seed,
+        weight_decay=cfg.weight_decay, **precision_args(cfg.amp), seed=cfg.seed,
         batch_sampler=length_grouped_batches(batches.row_lengths, cfg.length_window),
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,

@@ -9,7 +9,7 @@
     hard_negatives.py  the store of msmarco-hard-negatives.jsonl.gz (positives and per-system negatives per query)
     data.py          MSMarco: one data folder as the scripts see it (fetch, prepare once, open); id datasets
     config.py        `--key=value` overrides of a script's Config dataclass, and the --sample preset
-    models.py        base models (hub, folder, offline), the cross-encoder head, precision (bf16 / fp32) settings
+    models.py        base models (hub, folder, offline), the cross-encoder head, mixed precision (bf16 / fp16 / fp32)
     sampling.py      batch samplers: seeded permutations in bounded memory, reshuffled per epoch
     distributed.py   torchrun / accelerate launch: process group, main process first, work split across processes
     run.py           a script run's output folder: start or resume, metric history and plot, atomic save, report

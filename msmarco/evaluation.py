@@ -279,7 +279,8 @@ class RetrievalEvaluator(BaseEvaluator):
         was_training = model.training
         model.eval()
         try:
-            # passages encoded in mixed precision where it pays (as fp16 caches are at scale) unless amp is off;
+            # passages encoded in mixed precision where it pays (bf16 or fp16, as fp16 caches are at scale) unless
+            # amp is off;
             # their similarities in fp32 (dense_retrieval_run)
             with autocast(model.device) if self.amp else contextlib.nullcontext():
                 run = dense_retrieval_run(model, self.rs.queries, self.rs.qids, self.collection, self.k,

@@ -1,6 +1,6 @@
 """Models: names that resolve without a hub (offline:<name>, repository folders), the one-logit cross-encoder both
 cross-encoder recipes train, and the precision a run trains and scores in (bf16 autocast where the hardware has
-bf16 matrix units, else fp32)."""
+bf16 matrix units, fp16 autocast with a grad scaler on older GPUs, else fp32)."""
 from __future__ import annotations
 
 from . import paths
@@ -30,29 +30,40 @@ def resolve_model(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-def bf16_supported() -> bool:
-    """bf16 autocast pays off on a GPU that supports it, and on CPUs with AMX tiles (bf16 matrix units:
-    1.4x faster training steps and 2.6x faster scoring of MiniLM-L6 on a 2-core Xeon than fp32)."""
+def amp_dtype(device_type: str):
+    """The autocast dtype that pays off on this machine's `device_type` ("cuda" or "cpu"), or None (fp32).
+
+    bf16 on a GPU with native bf16 (compute capability 8.0+: A100, H100, RTX 30xx on) and on CPUs with AMX tiles
+    (bf16 matrix units: 1.4x faster training steps and 2.6x faster scoring of MiniLM-L6 on a 2-core Xeon than fp32).
+    Older GPUs (V100, T4) only emulate bf16 (no bf16 tensor cores), which torch.cuda.is_bf16_supported() counts
+    unless told not to: they get fp16, which their tensor cores run, as the original sentence-transformers recipes'
+    AMP did."""
     import torch
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(amx and amx())
+    return torch.bfloat16 if device_type == "cpu" and amx and amx() else None
 
 
 def autocast(device):
-    """bf16 autocast for scoring on hardware where it pays off (bf16_supported), else a no-op context."""
+    """Autocast for scoring on `device` in the dtype that pays off there (amp_dtype), else a no-op context."""
+    import contextlib
+
     import torch
     device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_supported() and device.type in ("cpu", "cuda"))
+    dtype = amp_dtype(device.type)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def bf16_args(want: bool) -> dict:
-    """Trainer arguments for bf16 autocast where it pays off (see bf16_supported). Without a GPU the trainer is told
-    so (use_cpu): it then accepts bf16 on the CPU, and under torchrun it joins the CPU process group (gloo) instead of
-    running every process as a lone process 0 that trains on all the data and writes the same files."""
+def precision_args(want: bool) -> dict:
+    """Trainer arguments for mixed precision where it pays off (see amp_dtype): bf16, or fp16, for which the trainer
+    scales the loss (fp16 gradients would underflow). Without a GPU the trainer is told so (use_cpu): it then accepts
+    bf16 on the CPU, and under torchrun it joins the CPU process group (gloo) instead of running every process as a
+    lone process 0 that trains on all the data and writes the same files."""
     import torch
-    return {"bf16": want and bf16_supported(), "use_cpu": not torch.cuda.is_available()}
+    gpu = torch.cuda.is_available()
+    dtype = amp_dtype("cuda" if gpu else "cpu") if want else None
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16, "use_cpu": not gpu}
 
 
 def freeze_unused_pooler(transformer) -> None:
@@ -87,6 +98,13 @@ def cross_encoder(model_name: str, max_length: int, pooling: str, activation=Non
 
 
 def head_bias(model):
-    """The bias of a cross_encoder()'s one-logit head, to initialise it."""
-    head = model[0].auto_model.classifier if len(model) == 1 else model[-1].linear
-    return head.bias.data
+    """The bias of a cross_encoder()'s one-logit head, to initialise it: that of its last one-output Linear layer,
+    as heads differ (BERT: classifier; DistilBERT: pre_classifier + classifier; RoBERTa, ELECTRA: classifier.dense
+    + classifier.out_proj; pooling=mean: the Dense layer's linear)."""
+    import torch
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1][-1:]
+    if not last or last[0].bias is None:
+        name = type(model[0].auto_model).__name__ if len(model) == 1 else type(model).__name__
+        raise SystemExit(f"{name} has no one-logit Linear layer with a bias to initialise; use --pooling=mean "
+                         "or a base model with a BERT, DistilBERT, RoBERTa or ELECTRA style head")
+    return last[0].bias.data

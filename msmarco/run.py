@@ -181,7 +181,8 @@ def save_model(trainer, model, out: Path) -> Path:
     """Save the (best) model atomically to out/model (the main process writes, the others wait for it).
 
     Evaluate the saved folder, not the in-memory model: the trainer leaves the latter's forward wrapped in its
-    bf16 autocast, so only the reloaded model scores in fp32, as the baselines were and as users will load it."""
+    autocast (bf16 or fp16), so only the reloaded model scores in fp32, as the baselines were and as users will
+    load it."""
     tmp, final = out / "model.tmp", out / "model"
     with main_process_first():
         if trainer.is_world_process_zero():

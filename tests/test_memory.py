@@ -98,6 +98,28 @@ def test_score_pickle_memory_does_not_grow(tmp_path):
     assert big["growth_mib"] - small["growth_mib"] < TOLERANCE_MIB, runs
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_numpy_score_pickle_memory_does_not_grow(tmp_path, protocol):
+    """A pickle of numpy scalars (ids and scores as CrossEncoder.predict and numpy arrays give them) memoises ~6
+    objects per entry; the reader drops them once decoded (kept, 150k more entries would add ~300 MiB). Short
+    queries (20 entries), so that both sizes span more than one 1,000-query batch."""
+    runs = {}
+    for n in (25_000, 175_000):
+        rng = np.random.default_rng(n)
+        pids, scores = rng.integers(0, N_PASSAGES, n), rng.normal(size=n).astype(np.float32)
+        d = {np.int64(q): dict(zip(pids[q * 20:(q + 1) * 20], scores[q * 20:(q + 1) * 20])) for q in range(n // 20)}
+        src = tmp_path / f"np{n}.pkl"
+        src.write_bytes(pickle.dumps(d, protocol=protocol))
+        runs[n] = r = _prepare("scores", src, tmp_path / f"store{n}")
+        assert r["info"]["queries"] == len(d) and r["info"]["scores"] == sum(map(len, d.values()))
+        store = stores.ScoreStore(tmp_path / f"store{n}")
+        q = len(d) - 1
+        np.testing.assert_array_equal(store.lookup(q, list(d[q])), np.array(list(d[q].values())))
+    small, big = runs[25_000], runs[175_000]
+    print({n: (round(r["growth_mib"], 1), round(r["seconds"], 2)) for n, r in runs.items()})
+    assert big["growth_mib"] - small["growth_mib"] < TOLERANCE_MIB, runs
+
+
 def test_teacher_memory_does_not_grow(tmp_path):
     runs = {}
     for n in (300_000, 1_200_000):
