@@ -2,8 +2,10 @@
 
 A CrossEncoder (one relevance logit per (query, passage)) is trained from a plain encoder on labelled
 pairs drawn from the MS MARCO BM25 training triples (qidpidtriples): each query's positive with label 1
-and `neg_per_pos` of its BM25 negatives with label 0. Pairs are ids until a batch is built, so the full
-run (20M pairs) never holds their texts in memory.
+and `neg_per_pos` of its BM25 negatives with label 0. The triples are a seeded uniform sample of the whole
+file (which is sorted by query: its first lines would be ~4% of the training queries); the sample is drawn
+once per data folder, size and seed (one pass over the 398M lines, a few minutes at full size) and reopened
+after that. Pairs are ids until a batch is built, so the full run (20M pairs) never holds their texts in memory.
 
 While training it reranks held-out dev-small queries (their BM25 candidates, positives included) and
 reports MRR@10 and nDCG@10, next to the BM25 order and the untrained model, and keeps the best
@@ -49,7 +51,7 @@ class Config:
     pooling: str = "cls"  # head input: cls ([CLS] + pooler, BertForSequenceClassification) or mean (mean of token states)
     max_length: int = 512  # tokens of query + passage (longer is truncated)
     neg_per_pos: int = 4  # BM25 negatives per positive pair
-    max_pairs: int = 20_000_000  # training pairs in all (positives + negatives), read from the head of the triples
+    max_pairs: int = 20_000_000  # training pairs in all (positives + negatives), from a uniform sample of the triples
     epochs: int = 1  # passes over the pairs
     max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
     batch_size: int = 32  # pairs per step
@@ -63,7 +65,7 @@ class Config:
     save_total_limit: int = 2  # checkpoints kept besides the best
     report_to: str = "none"  # also log to tensorboard or wandb (the HF Trainer's report_to; needs that package)
     bf16: bool = True  # bf16 autocast where the hardware has bf16 matrix units (recent GPUs, CPUs with AMX)
-    seed: int = 12  # data order, head initialisation, held-out query choice
+    seed: int = 12  # triples sample (a new seed: a new one-time pass), data order, head init, held-out queries
     resume: bool = True  # continue from the newest checkpoint of output/train_cross-encoder-v1
     output_dir: str = "output/train_cross-encoder-v1"  # relative to the repository
 
@@ -77,11 +79,12 @@ SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", poo
 
 
 def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
-    """(qid, pid, label) rows from the triples: every triple gives its negative (label 0), every
-    `neg_per_pos`-th triple also its positive (label 1), just before that negative. Texts are looked up only
-    when a batch is built."""
+    """(qid, pid, label) rows from a seeded uniform sample of the triples (MSMarco.triples(n, cfg.seed): n lines
+    drawn from the whole file, in file order, so grouped by query; the trainer's sampler shuffles): every triple
+    gives its negative (label 0), every `neg_per_pos`-th triple also its positive (label 1), just before that
+    negative. Texts are looked up only when a batch is built."""
     n_rows = math.ceil(cfg.max_pairs * cfg.neg_per_pos / (cfg.neg_per_pos + 1))
-    t = np.asarray(data.triples(max_rows=n_rows))
+    t = np.asarray(data.triples(max_rows=n_rows, seed=cfg.seed))
     i = np.arange(len(t))
     neg_at = i + i // cfg.neg_per_pos + 1  # after the i // k + 1 positives of triples 0..i
     pos_at = neg_at[::cfg.neg_per_pos] - 1

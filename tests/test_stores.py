@@ -79,16 +79,52 @@ def test_teacher_equals_raw(ms):
         assert rec[name].tolist() == list(cols[j])
 
 
+def sampled(raw: list, n: int, seed: int) -> list:
+    """The documented sample, computed independently: the n lines of smallest line_keys(seed, line), in file order."""
+    if n >= len(raw):
+        return list(raw)
+    keys = stores.line_keys(seed, 1, len(raw))
+    return [raw[i] for i in sorted(np.argsort(keys, kind="stable")[:n].tolist())]
+
+
 def test_triples(ms):
     raw = [tuple(map(int, ln.split("\t"))) for ln in raw_text_lines(SAMPLE / TRIPLES)]
     assert len(raw) == 3_421
-    first = ms.triples(max_rows=100)
-    assert first.shape == (100, 3) and first.dtype == np.int32
-    assert [tuple(r) for r in first.tolist()] == raw[:100]
     every = ms.triples()
-    assert every.shape == (3_421, 3)
+    assert every.shape == (3_421, 3) and every.dtype == np.int32
     assert [tuple(r) for r in every.tolist()] == raw
-    assert ms.triples(max_rows=10_000).shape == (3_421, 3)
+    some = ms.triples(max_rows=100)
+    assert some.shape == (100, 3) and some.dtype == np.int32
+    assert [tuple(r) for r in some.tolist()] == sampled(raw, 100, 0)
+    assert [tuple(r) for r in ms.triples(max_rows=100, seed=5).tolist()] == sampled(raw, 100, 5)
+    assert [tuple(r) for r in ms.triples(max_rows=10_000).tolist()] == raw  # a short file is kept whole, in order
+    assert ms.triples(max_rows=0).shape == (0, 3)
+
+
+def test_triples_sample_does_not_depend_on_the_parse_chunks(copy, monkeypatch):
+    """Tiny parse chunks (a few lines each) exercise every path of the bounded buffer (chunks larger than the sample,
+    cuts back to n rows): the sample is the same as with one chunk for the whole file."""
+    from msmarco import formats
+    raw = [tuple(map(int, ln.split("\t"))) for ln in raw_text_lines(SAMPLE / TRIPLES)]
+    defaults = list(formats.iter_int_rows.__defaults__)
+    defaults[0] = 97  # chunk_bytes: ~4 lines
+    monkeypatch.setattr(formats.iter_int_rows, "__defaults__", tuple(defaults))
+    for n, seed in [(1, 0), (7, 3), (500, 0), (3_420, 2)]:
+        got = MSMarco(copy).triples(max_rows=n, seed=seed)
+        assert [tuple(r) for r in got.tolist()] == sampled(raw, n, seed), (n, seed)
+
+
+def test_smallest_keys_keeps_the_n_smallest_in_arrival_order():
+    rng = np.random.default_rng(0)
+    for n, sizes in [(5, [3, 0, 9, 1, 20]), (50, [1000]), (10, [4] * 30), (3, [1, 1, 1, 1])]:
+        keys = rng.integers(0, 40, sum(sizes)).astype(np.uint64)  # many ties: the earlier row must win
+        rows = np.arange(len(keys), dtype=np.int32).reshape(-1, 1).repeat(3, 1)
+        pick, lo = stores.SmallestKeys(n), 0
+        for m in sizes:
+            pick.add(keys[lo:lo + m], rows[lo:lo + m])
+            lo += m
+        want = np.sort(np.argsort(keys, kind="stable")[:n])
+        assert pick.result()[:, 0].tolist() == want.tolist()
 
 
 def test_cache_reused_and_rebuilt_when_source_changes(copy):
