@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import time
 
 import numpy as np
@@ -99,6 +100,30 @@ def test_triples(ms):
     assert [tuple(r) for r in ms.triples(max_rows=100, seed=5).tolist()] == sampled(raw, 100, 5)
     assert [tuple(r) for r in ms.triples(max_rows=10_000).tolist()] == raw  # a short file is kept whole, in order
     assert ms.triples(max_rows=0).shape == (0, 3)
+
+
+def test_triples_sample_spreads_over_the_whole_qid_sorted_file(copy):
+    """The sample's qidpidtriples is sorted like the official file (by qid, ~19 lines per query here, ~1,000 there),
+    so its first 500 lines hold ~27 of the 180 training queries; a uniform sample of 500 lines holds nearly all."""
+    lines = [ln.encode() for ln in raw_text_lines(SAMPLE / TRIPLES)]
+    assert lines == sorted(lines)  # a plain sort of the lines as text, like the official file
+    qids = [int(ln.split(b"\t")[0]) for ln in lines]
+    assert len(set(qids)) == 180
+    head = len(set(qids[:500]))
+    a, b = np.array(MSMarco(copy).triples(max_rows=500)), np.array(MSMarco(copy).triples(max_rows=500, seed=1))
+    assert len(a) == len(b) == 500
+    for t in (a, b):
+        assert len(set(t[:, 0].tolist())) >= 150 > 4 * head
+    assert not np.array_equal(a, b)  # another seed, another sample
+    rows = {tuple(map(int, ln.split(b"\t"))): i for i, ln in enumerate(lines)}
+    at = [rows[tuple(r)] for r in a.tolist()]
+    assert at == sorted(at) and at[-1] > 3_000  # file order, from all over the file
+    meta = copy / paths.PREPARED / "triples.sample500.seed0" / "meta.json"
+    m1 = meta.stat().st_mtime_ns
+    assert np.array_equal(MSMarco(copy).triples(max_rows=500), a) and meta.stat().st_mtime_ns == m1  # reopened
+    assert json.loads(meta.read_text())["lines"] == 3_421
+    shutil.rmtree(meta.parent)
+    assert np.array_equal(MSMarco(copy).triples(max_rows=500), a)  # built anew: the same rows
 
 
 def test_triples_sample_does_not_depend_on_the_parse_chunks(copy, monkeypatch):
