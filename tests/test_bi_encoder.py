@@ -153,7 +153,7 @@ def test_bm25_triples_source_groups_the_triples_by_query(tmp_path):
     data = MSMarco(cfg.data_dir)
     positives, negatives = bi.training_queries(data, cfg)
     expected: dict[int, tuple[set, set]] = {}
-    for q, p, n in np.asarray(data.triples(500)).tolist():
+    for q, p, n in np.asarray(data.triples(500, seed=cfg.seed)).tolist():
         expected.setdefault(q, (set(), set()))[0].add(p)
         expected[q][1].add(n)
     assert {q: (set(p.tolist()), set(negatives[q].tolist())) for q, p in positives.items()} == expected

@@ -312,3 +312,44 @@ def test_stores_pickle_as_their_folder():
     assert back[pid] == coll[pid] and len(back) == len(coll)
     again = pickle.loads(pickle.dumps(data))
     assert again.dir == data.dir and again.queries("train")[int(data.queries("train").ids[0])]
+
+
+def test_candidate_files_carry_no_bm25_order_and_the_bm25_runs_do():
+    """Like the official top1000 files, the sample's candidate files list each query's candidates in no BM25 order;
+    the real BM25 rank order is in runs/bm25/ (TREC runs) over exactly the same candidates."""
+    from msmarco import metrics
+    dev = raw_candidates([ln.decode("utf-8") for ln in tar_member_lines(SAMPLE / "top1000.dev.tar.gz", "top1000.dev")
+                          if ln])
+    dl = raw_candidates(raw_text_lines(SAMPLE / "msmarco-passagetest2020-top1000.tsv.gz"))
+    for name, cands, n_lines in [("dev", dev, 2_000), ("dl2020", dl, 5_400)]:
+        run = metrics.read_trec_run(SAMPLE / "runs" / "bm25" / f"{name}.run")
+        assert sum(map(len, run.values())) == n_lines
+        assert {q: sorted(d) for q, d in run.items()} == {str(q): sorted(map(str, p)) for q, p in cands.items()}
+        in_rank_order = sum(metrics.rank(run[str(q)]) == [str(p) for p in pids] for q, pids in cands.items())
+        assert in_rank_order == 0, f"{name}: {in_rank_order} queries list their candidates in BM25 order"
+    # the documented BM25 figures: dev-small (top-20 order), and TREC DL 2020 (those of the source's README)
+    dev_run = metrics.read_trec_run(SAMPLE / "runs" / "bm25" / "dev.run")
+    assert metrics.mrr_at_k(dev_run, metrics.str_qrels(raw_qrels(SAMPLE / "qrels.dev.small.tsv"))) == \
+        pytest.approx(0.3338, abs=5e-5)
+    dl_run, dl_qrels = metrics.read_trec_run(SAMPLE / "runs" / "bm25" / "dl2020.run"), \
+        metrics.str_qrels(raw_qrels(SAMPLE / "2020qrels-pass.txt"))
+    assert metrics.ndcg_at_k(dl_run, dl_qrels) == pytest.approx(0.4796, abs=5e-5)
+    assert metrics.mrr_at_k(dl_run, dl_qrels, min_grade=2) == pytest.approx(0.6533, abs=5e-5)
+
+
+@pytest.mark.skipif(not SHARED_SAMPLE.exists(), reason="the source data of the sample is not available")
+def test_bm25_runs_are_the_source_order():
+    dl = (SHARED_SAMPLE / "runs" / "dl20.BM25.trec").read_bytes()
+    assert (SAMPLE / "runs" / "bm25" / "dl2020.run").read_bytes() == dl  # every passage is in the collection
+    top20: dict[int, list[int]] = {}
+    for ln in (SHARED_SAMPLE / "top20.dev-a.tsv").read_bytes().splitlines():
+        q, p = map(int, ln.split(b"\t")[:2])
+        if p not in top20.setdefault(q, []):
+            top20[q].append(p)
+    got: dict[int, list[tuple]] = {}
+    for ln in (SAMPLE / "runs" / "bm25" / "dev.run").read_text().splitlines():
+        q, q0, p, r, score, tag = ln.split()
+        got.setdefault(int(q), []).append((int(p), int(r), float(score), q0, tag))
+    assert len(got) == 100
+    for q, rows in got.items():
+        assert rows == [(p, r, -float(r), "Q0", "bm25") for r, p in enumerate(top20[q], 1)]

@@ -52,7 +52,12 @@ if chunk_lines:  # smaller parse chunks, so that both test sizes span many chunk
 base = hwm_kib()
 t = time.time()
 dst.mkdir(parents=True)
-info = stores.ScoreStore.build(dst, src, None) if kind == "scores" else stores.build_teacher(dst, src, None)
+if kind == "scores":
+    info = stores.ScoreStore.build(dst, src, None)
+elif kind == "teacher":
+    info = stores.build_teacher(dst, src, None)
+else:  # "triples:N": a seeded sample of N lines
+    info = stores.build_triples(dst, src, None, int(kind.split(":")[1]), seed=0)
 print(json.dumps({"base_kib": base, "peak_kib": hwm_kib(), "seconds": time.time() - t, "info": info}))
 """
 
@@ -139,6 +144,27 @@ def test_teacher_memory_does_not_grow(tmp_path):
     small, big = runs[300_000], runs[1_200_000]
     print({n: (round(r["growth_mib"], 1), round(r["seconds"], 2)) for n, r in runs.items()})
     assert big["growth_mib"] - small["growth_mib"] < TOLERANCE_MIB, runs
+
+
+def test_triples_sample_memory_does_not_grow_with_the_file(tmp_path):
+    """A sample of 50k lines from files of 0.5M and 4M qid-sorted lines (synthetic, in the real file's order): the
+    buffer is O(sample), so the peak does not grow with the file (holding every line, even as int32 ids or as a key
+    each, would add 28-42 MiB here); the 4M-line store is exactly the sample computed from the keys."""
+    n_keep, runs = 50_000, {}
+    for n in (500_000, 4_000_000):
+        src = tmp_path / f"triples{n}.tsv.gz"
+        assert gen.write_triples(src, n, N_PASSAGES, seed=n)["rows"] == n
+        r = _prepare(f"triples:{n_keep}", src, tmp_path / f"store{n}", chunk_lines=1 << 20)  # 1 MB: 12+ chunks
+        assert r["info"]["rows"] == n_keep and r["info"]["lines"] == n
+        runs[n] = r
+    every = np.concatenate(list(gen.iter_triples_chunks(4_000_000, N_PASSAGES, seed=4_000_000)))
+    want = np.sort(np.argsort(stores.line_keys(0, 1, len(every)), kind="stable")[:n_keep])
+    got = stores.load_array(tmp_path / "store4000000", "triples.bin", np.int32).reshape(-1, 3)
+    assert np.array_equal(got, every[want])
+    assert len(np.unique(got[:, 0])) > 0.9 * len(np.unique(every[:, 0]))  # nearly every query of the file
+    small, big = runs[500_000], runs[4_000_000]
+    print({n: (round(r["growth_mib"], 1), round(r["seconds"], 2)) for n, r in runs.items()})
+    assert big["growth_mib"] - small["growth_mib"] < 20, runs
 
 
 def _strip_frames(b: bytes) -> bytes:

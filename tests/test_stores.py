@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import time
 
 import numpy as np
@@ -79,16 +80,76 @@ def test_teacher_equals_raw(ms):
         assert rec[name].tolist() == list(cols[j])
 
 
+def sampled(raw: list, n: int, seed: int) -> list:
+    """The documented sample, computed independently: the n lines of smallest line_keys(seed, line), in file order."""
+    if n >= len(raw):
+        return list(raw)
+    keys = stores.line_keys(seed, 1, len(raw))
+    return [raw[i] for i in sorted(np.argsort(keys, kind="stable")[:n].tolist())]
+
+
 def test_triples(ms):
     raw = [tuple(map(int, ln.split("\t"))) for ln in raw_text_lines(SAMPLE / TRIPLES)]
     assert len(raw) == 3_421
-    first = ms.triples(max_rows=100)
-    assert first.shape == (100, 3) and first.dtype == np.int32
-    assert [tuple(r) for r in first.tolist()] == raw[:100]
     every = ms.triples()
-    assert every.shape == (3_421, 3)
+    assert every.shape == (3_421, 3) and every.dtype == np.int32
     assert [tuple(r) for r in every.tolist()] == raw
-    assert ms.triples(max_rows=10_000).shape == (3_421, 3)
+    some = ms.triples(max_rows=100)
+    assert some.shape == (100, 3) and some.dtype == np.int32
+    assert [tuple(r) for r in some.tolist()] == sampled(raw, 100, 0)
+    assert [tuple(r) for r in ms.triples(max_rows=100, seed=5).tolist()] == sampled(raw, 100, 5)
+    assert [tuple(r) for r in ms.triples(max_rows=10_000).tolist()] == raw  # a short file is kept whole, in order
+    assert ms.triples(max_rows=0).shape == (0, 3)
+
+
+def test_triples_sample_spreads_over_the_whole_qid_sorted_file(copy):
+    """The sample's qidpidtriples is sorted like the official file (by qid, ~19 lines per query here, ~1,000 there),
+    so its first 500 lines hold ~27 of the 180 training queries; a uniform sample of 500 lines holds nearly all."""
+    lines = [ln.encode() for ln in raw_text_lines(SAMPLE / TRIPLES)]
+    assert lines == sorted(lines)  # a plain sort of the lines as text, like the official file
+    qids = [int(ln.split(b"\t")[0]) for ln in lines]
+    assert len(set(qids)) == 180
+    head = len(set(qids[:500]))
+    a, b = np.array(MSMarco(copy).triples(max_rows=500)), np.array(MSMarco(copy).triples(max_rows=500, seed=1))
+    assert len(a) == len(b) == 500
+    for t in (a, b):
+        assert len(set(t[:, 0].tolist())) >= 150 > 4 * head
+    assert not np.array_equal(a, b)  # another seed, another sample
+    rows = {tuple(map(int, ln.split(b"\t"))): i for i, ln in enumerate(lines)}
+    at = [rows[tuple(r)] for r in a.tolist()]
+    assert at == sorted(at) and at[-1] > 3_000  # file order, from all over the file
+    meta = copy / paths.PREPARED / "triples.sample500.seed0" / "meta.json"
+    m1 = meta.stat().st_mtime_ns
+    assert np.array_equal(MSMarco(copy).triples(max_rows=500), a) and meta.stat().st_mtime_ns == m1  # reopened
+    assert json.loads(meta.read_text())["lines"] == 3_421
+    shutil.rmtree(meta.parent)
+    assert np.array_equal(MSMarco(copy).triples(max_rows=500), a)  # built anew: the same rows
+
+
+def test_triples_sample_does_not_depend_on_the_parse_chunks(copy, monkeypatch):
+    """Tiny parse chunks (a few lines each) exercise every path of the bounded buffer (chunks larger than the sample,
+    cuts back to n rows): the sample is the same as with one chunk for the whole file."""
+    from msmarco import formats
+    raw = [tuple(map(int, ln.split("\t"))) for ln in raw_text_lines(SAMPLE / TRIPLES)]
+    defaults = list(formats.iter_int_rows.__defaults__)
+    defaults[0] = 97  # chunk_bytes: ~4 lines
+    monkeypatch.setattr(formats.iter_int_rows, "__defaults__", tuple(defaults))
+    for n, seed in [(1, 0), (7, 3), (500, 0), (3_420, 2)]:
+        got = MSMarco(copy).triples(max_rows=n, seed=seed)
+        assert [tuple(r) for r in got.tolist()] == sampled(raw, n, seed), (n, seed)
+
+
+def test_smallest_keys_keeps_the_n_smallest_in_arrival_order():
+    rng = np.random.default_rng(0)
+    for n, sizes in [(5, [3, 0, 9, 1, 20]), (50, [1000]), (10, [4] * 30), (3, [1, 1, 1, 1])]:
+        keys = rng.integers(0, 40, sum(sizes)).astype(np.uint64)  # many ties: the earlier row must win
+        rows = np.arange(len(keys), dtype=np.int32).reshape(-1, 1).repeat(3, 1)
+        pick, lo = stores.SmallestKeys(n), 0
+        for m in sizes:
+            pick.add(keys[lo:lo + m], rows[lo:lo + m])
+            lo += m
+        want = np.sort(np.argsort(keys, kind="stable")[:n])
+        assert pick.result()[:, 0].tolist() == want.tolist()
 
 
 def test_cache_reused_and_rebuilt_when_source_changes(copy):
