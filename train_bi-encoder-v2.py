@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
+from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
                                                                MultipleNegativesRankingLoss)
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
@@ -51,7 +51,7 @@ from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_
 from msmarco.models import freeze_unused_pooler, precision_args, resolve_model
 from msmarco.paths import resolve_dir
 from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run
-from msmarco.sampling import SamplerEpoch
+from msmarco.sampling import SamplerEpoch, no_duplicate_batches
 from msmarco.stores import Grouped, GroupedWriter, prepared, release_pages
 
 @dataclass
@@ -76,7 +76,7 @@ class Config:
     lr: float = 2e-5  # peak learning rate (AdamW)
     warmup_steps: int = 1000  # linear warm-up, in steps
     weight_decay: float = 0.01  # AdamW weight decay
-    pad_multiple: int = 8  # pad each chunk of a batch to a multiple of this many tokens (bounded shapes for GPUs)
+    pad_multiple: int = -1  # pad batch chunks to a multiple of this (-1: 8 on a GPU, bounded shapes; 1 on a CPU)
     chunk_cost: int = -1  # padded tokens that one more forward pass is worth when a batch is cut (-1: by device)
     first_stage: str = ""  # TREC run (file, or folder of <split>.run) whose candidates are reranked; "": candidate files
     eval_queries: int = 500  # dev-tune queries reranked during training; as many dev-test queries in the final report
@@ -194,23 +194,20 @@ def rotation(positives: Grouped, negatives: Grouped, epochs: int, seed: int) -> 
     return np.concatenate(rows).astype(np.int64)
 
 
-class EpochBlockSampler(NoDuplicatesBatchSampler):
+class EpochBlockSampler(DefaultBatchSampler):
     """Batches of one epoch's rows only (rows are laid out epoch by epoch), shuffled by seed + epoch, with no
-    text twice in a batch (a repeated passage would be a false in-batch negative)."""
+    passage and no query twice in a batch (a repeated passage would be a false in-batch negative)."""
 
     def __init__(self, dataset, *args, rows_per_epoch: int, **kwargs):
         super().__init__(dataset, *args, **kwargs)
-        self.rows_per_epoch = rows_per_epoch
+        self.rows_per_epoch, self.blocks = rows_per_epoch, max(1, len(dataset) // rows_per_epoch)
+        cols = {c: dataset.data.table.column(c).to_numpy() for c in ("qid", "pos", "neg")}
+        self.ids = np.stack([-1 - cols["qid"].astype(np.int64), cols["pos"], cols["neg"]], 1)  # queries < 0
 
     def __iter__(self):
-        blocks = max(1, len(self.dataset) // self.rows_per_epoch)  # epochs past the rotation's repeat it
-        full, lo = self.dataset, (self.epoch % blocks) * self.rows_per_epoch
-        self.dataset = full.select(range(lo, lo + self.rows_per_epoch))
-        try:
-            for batch in super().__iter__():
-                yield [lo + i for i in batch]
-        finally:
-            self.dataset = full
+        lo = (self.epoch % self.blocks) * self.rows_per_epoch  # epochs past the rotation's repeat it
+        order = lo + np.random.default_rng([self.seed, self.epoch]).permutation(self.rows_per_epoch)
+        yield from no_duplicate_batches(order, self.ids, self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
         n = self.rows_per_epoch

@@ -63,7 +63,7 @@ class Config:
     lr: float = 7e-6  # peak learning rate (AdamW)
     warmup_steps: int = 5000  # linear warm-up, in steps
     weight_decay: float = 0.01  # AdamW weight decay
-    pad_multiple: int = 8  # pad each chunk of a batch to a multiple of this many tokens (bounded shapes for GPUs)
+    pad_multiple: int = -1  # pad batch chunks to a multiple of this (-1: 8 on a GPU, bounded shapes; 1 on a CPU)
     chunk_cost: int = -1  # padded tokens that one more forward pass is worth when a batch is cut (-1: by device)
     length_window: int = 64  # batches sorted by length together before they are shuffled (1: random batches)
     first_stage: str = ""  # TREC run (file, or folder of <split>.run) whose candidates are reranked; "": candidate files

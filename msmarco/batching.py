@@ -114,17 +114,20 @@ class BatchShape:
     """How batches are padded and cut (see the module doc)."""
     max_length: int  # tokens per sequence, special tokens included (longer ones are truncated)
     pad_multiple: int = 8  # pad each chunk to a multiple of this many tokens (bounded shapes for GPUs)
-    chunk_cost: float = 512  # padded tokens worth one more forward pass: small on CPUs, large on GPUs
+    chunk_cost: float = 64  # padded tokens worth one more forward pass: small on CPUs, large on GPUs
 
 
 
-def batch_shape(max_length: int, pad_multiple: int = 8, chunk_cost: int = -1) -> BatchShape:
-    """BatchShape with the chunk cost of this device when chunk_cost is -1: on a CPU a forward and backward pass of
-    MiniLM-L6 has a fixed cost of ~100 ms (about 150 tokens' worth, measured on 2 cores), so chunks pay off; on a GPU
-    a pass costs ~1 ms of kernel launches, ~10k tokens of a small model's throughput (an estimate, not measured)."""
-    if chunk_cost < 0:
-        chunk_cost = 16_384 if torch.cuda.is_available() else 256
-    return BatchShape(max_length, pad_multiple, chunk_cost)
+def batch_shape(max_length: int, pad_multiple: int = -1, chunk_cost: int = -1) -> BatchShape:
+    """BatchShape with this device's settings where they are -1. On a CPU: no rounding (a shape costs nothing to
+    change) and a chunk cost of 64 padded tokens (one more forward and backward pass of MiniLM-L6 within a step
+    costs about as much as that many tokens on 2 cores). On a GPU: multiples of 8 (kernels want bounded shapes) and
+    16k tokens (a pass costs ~1 ms of kernel launches, ~10k tokens of a small model's throughput; an estimate,
+    not measured), so batches stay whole unless their lengths differ a lot."""
+    gpu = torch.cuda.is_available()
+    return BatchShape(max_length, pad_multiple if pad_multiple > 0 else (8 if gpu else 1),
+                      chunk_cost if chunk_cost >= 0 else (16_384 if gpu else 64))
+
 
 class PairBatches:
     """Cross-encoder batches: (query, passage) pairs of the training queries and the collection, one "pairs"

@@ -189,7 +189,7 @@ def test_padding_holds_real_tokens(data, ce, st, recipe, max_length, batch_size)
         t = np.asarray(data.triples())
         rows = {"qid": t[:, 0], "pid": np.where(np.arange(len(t)) % 5 == 0, t[:, 1], t[:, 2]),
                 "label": np.zeros(len(t), np.float32)}
-        collate = PairBatches(data, ce.tokenizer, batching.batch_shape(max_length, 8, 256))
+        collate = PairBatches(data, ce.tokenizer, batching.batch_shape(max_length))
         sampler = LengthGroupedBatchSampler(id_dataset(rows, "t"), batch_size=batch_size, drop_last=False, seed=0,
                                             lengths=collate.row_lengths)
         batches = [collate([{k: v[i] for k, v in rows.items()} for i in b]) for b in sampler]
@@ -199,7 +199,7 @@ def test_padding_holds_real_tokens(data, ce, st, recipe, max_length, batch_size)
         cfg = bi.Config(data_dir=str(SAMPLE))
         pos, neg = bi.training_queries(data, cfg)
         rows = bi.rotation(pos, neg, 1, 0)
-        collate = TextBatches(data, st.tokenizer, batching.batch_shape(max_length, 8, 256))
+        collate = TextBatches(data, st.tokenizer, batching.batch_shape(max_length))
         order = np.random.default_rng(0).permutation(len(rows))
         inputs = []
         for i in range(0, len(rows), batch_size):
