@@ -43,7 +43,7 @@ from sentence_transformers.sentence_transformer.modules import Pooling, Transfor
 
 from msmarco.batching import TextBatches, batch_shape, on_token_batches
 from msmarco.config import script_config
-from msmarco.data import MSMarco, id_dataset, params_key, shuffle_within_groups
+from msmarco.data import MSMarco, id_dataset, shuffle_within_groups
 from msmarco.distributed import main_process_first, process_group
 from msmarco.errors import user_errors
 from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_run, evaluation_sets,
@@ -52,7 +52,7 @@ from msmarco.models import freeze_unused_pooler, precision_args, resolve_model
 from msmarco.paths import resolve_dir
 from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run
 from msmarco.sampling import SamplerEpoch, no_duplicate_batches
-from msmarco.stores import Grouped, GroupedWriter, prepared, release_pages
+from msmarco.stores import Grouped
 
 @dataclass
 class Config:
@@ -96,73 +96,22 @@ class Config:
 
 
 # --sample: the whole recipe on the bundled miniature, offline, on 2 CPU cores in under 5 minutes (dense retrieval
-# over the 28k passages would take 12 of them on 2 AVX2 cores: --retrieval_eval=true adds it).
-SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", max_seq_length=96, epochs=3,
-              batch_size=32, lr=2e-5, warmup_steps=2, first_stage="data/sample/runs/bm25", eval_queries=60,
-              eval_candidates=20, report_splits=("dl2020",), retrieval_eval=False, eval_steps=100, logging_steps=2)
-
-
-def filter_negatives(pos: np.ndarray, negs: dict[str, np.ndarray], pos_scores: np.ndarray,
-                     neg_scores: dict[str, np.ndarray], margin: float, per_system: int,
-                     systems: tuple[str, ...] = ()) -> list[int]:
-    """The CE-margin filter: a negative is kept if its cross-encoder score is <= the lowest scored positive's
-    score - margin, up to `per_system` per system (in the system's rank order), without repeats or positives.
-    Unscored negatives are dropped (they could be unlabelled positives); with no scored positive, none is kept."""
-    scored = pos_scores[~np.isnan(pos_scores)]
-    if scored.size == 0:
-        return []
-    threshold = scored.min() - margin
-    kept: list[int] = []
-    seen = set(int(p) for p in pos)
-    for name, pids in negs.items():
-        if systems and name not in systems:
-            continue
-        added = 0
-        for pid, score in zip(pids, neg_scores[name]):
-            if added >= per_system:
-                break
-            if np.isnan(score) or score > threshold or int(pid) in seen:
-                continue
-            seen.add(int(pid))
-            kept.append(int(pid))
-            added += 1
-    return kept
+# over the 28k passages would take 12 of them on 2 AVX2 cores: --retrieval_eval=true adds it). Chosen on dev-tune
+# (docs/sample-runs.md): in the sample the "cross-encoder" that filters negatives is the base model itself, so a
+# margin of 0 already drops its false negatives, and 4 epochs (6 steps each) with a check every epoch.
+SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", max_seq_length=96, ce_margin=0.0,
+              epochs=4, batch_size=32, lr=2e-5, warmup_steps=2, first_stage="data/sample/runs/bm25", eval_queries=60,
+              eval_candidates=20, report_splits=("dl2020",), retrieval_eval=False, eval_steps=6, logging_steps=2)
 
 
 def training_queries(data: MSMarco, cfg: Config) -> tuple[Grouped, Grouped]:
     """Positives and negatives of every training query (two Groupeds over the same qids), negatives in a
-    shuffled order. The CE-filtered hard negatives are computed once per data folder and filter setting (minutes
-    at full scale) and kept memory-mapped: a second start, and every torchrun process, only opens them. With
+    shuffled order: the CE-margin filtered hard negatives (MSMarco.filtered_negatives: computed once per data
+    folder and setting, memory-mapped; msmarco/hard_negatives.py has the filter itself). With
     negatives=triples: the distinct positives and negatives of each query of a seeded uniform sample of
     `max_triples` triples (MSMarco.triples: one pass over the whole file, once per size and seed)."""
     if cfg.negatives == "hard":
-        hn = data.hard_negatives()
-        unknown = set(cfg.systems) - set(hn.systems)
-        if unknown:
-            raise SystemExit(f"--systems names {sorted(unknown)}, not in the hard-negatives file; it has: "
-                             f"{', '.join(hn.systems)}")
-        setting = dict(ce_margin=cfg.ce_margin, negs_per_system=cfg.negs_per_system, systems=sorted(cfg.systems))
-
-        def build(folder):
-            ce, qrels, rng = data.ce_scores(), data.qrels("train"), np.random.default_rng(0)
-            pos_w, neg_w = GroupedWriter(folder, "pos"), GroupedWriter(folder, "neg")
-            for i, qid in enumerate(hn.qids.tolist()):  # ascending
-                if i % 50_000 == 0:
-                    release_pages(hn, ce)  # one pass over 2.4 GB of stores: keep its pages out of RSS
-                pos, negs = hn.positives(qid), hn.negatives(qid)
-                kept = filter_negatives(pos, negs, ce.lookup(qid, pos), {k: ce.lookup(qid, v) for k, v in negs.items()},
-                                        cfg.ce_margin, cfg.negs_per_system, cfg.systems)
-                if kept and qid in qrels:
-                    pos_w.add(qid, pos)
-                    neg_w.add(qid, rng.permutation(kept))
-            pos_w.close(), neg_w.close()
-            return {"setting": setting, "queries": pos_w.qids.n, "negatives": neg_w.n}
-
-        sources = ["msmarco-hard-negatives.jsonl.gz", "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz",
-                   "qrels.train.tsv"]
-        folder = prepared(data.dir, "bi-encoder-negatives-" + params_key(setting),
-                             [data.path(name) for name in sources], build)
-        positives, negatives = Grouped(folder, "pos"), Grouped(folder, "neg")
+        positives, negatives = data.filtered_negatives(cfg.ce_margin, cfg.negs_per_system, cfg.systems)
     elif cfg.negatives == "triples":
         t = np.asarray(data.triples(cfg.max_triples, seed=cfg.seed), dtype=np.int64)
         groups = []
@@ -267,7 +216,8 @@ def main(cfg: Config) -> dict:
     # 4. Evaluation before training: the first stage's order and the untrained model, reranking every set; dense
     #    retrieval of the dev-test queries from the whole collection.
     rerank = RerankEvaluator(tune, bi_encoder_run)
-    retrieval = RetrievalEvaluator(reports[0], data.collection(), k=cfg.retrieval_k, amp=cfg.amp)
+    retrieval = RetrievalEvaluator(reports[0], data.collection(), k=cfg.retrieval_k, amp=cfg.amp) \
+        if cfg.retrieval_eval else None
     baselines = baseline_metrics(out, lambda: {
         **rerank_table([tune, *reports], bi_encoder_run, {"untrained": model}),
         **({"retrieval": {"untrained": retrieval.metrics(model)}} if cfg.retrieval_eval else {})}, tune.name)

@@ -6,6 +6,8 @@ and `neg_per_pos` of its BM25 negatives with label 0. The triples are a seeded u
 file (which is sorted by query: its first lines would be ~4% of the training queries); the sample is drawn
 once per data folder, size and seed (one pass over the 398M lines, ~4 min at full size) and reopened
 after that. Pairs are ids until a batch is built, so the full run (20M pairs) never holds their texts in memory.
+`--negatives=hard` draws the negatives from msmarco-hard-negatives instead (BM25 and dense systems' top hits,
+kept only where the cross-encoder scores them `ce_margin` below the positives), still BCE on labelled pairs.
 
 Training batches are built from token ids (tokenized once per tokenizer), grouped by length and padded for real
 tokens (msmarco/batching.py); the loss is the stock BinaryCrossEntropyLoss. While training it reranks held-out
@@ -52,7 +54,10 @@ class Config:
     pooling: str = "cls"  # head input: cls ([CLS] + pooler, BertForSequenceClassification) or mean (mean of token states)
     attn_implementation: str = "sdpa"  # attention kernels: sdpa, eager, or flash_attention_2 (GPU, if installed)
     max_length: int = 512  # tokens of query + passage (longer is truncated)
-    neg_per_pos: int = 4  # BM25 negatives per positive pair
+    negatives: str = "triples"  # triples: BM25 negatives of qidpidtriples; hard: msmarco-hard-negatives, CE-filtered
+    neg_per_pos: int = 4  # negatives per positive pair
+    ce_margin: float = 3.0  # negatives=hard: keep a negative only if its CE score <= lowest positive's - margin
+    negs_per_system: int = 5  # negatives=hard: negatives kept per mining system and query
     max_pairs: int = 20_000_000  # training pairs in all (positives + negatives), from a uniform sample of the triples
     epochs: int = 1  # passes over the pairs
     max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
@@ -78,29 +83,48 @@ class Config:
 
 # --sample: the whole recipe on the bundled miniature, offline, on 2 CPU cores in under 5 minutes. The base is a
 # sentence-embedding model, so its mean token state already carries meaning: a head on it (pooling=mean) learns
-# far faster than the stock [CLS] head there (see docs/sample-runs.md).
+# far faster than the stock [CLS] head there; the CE-filtered hard negatives (margin 0: the sample's "CE" is the
+# base model) taught it more than the BM25 triples on dev-tune (docs/sample-runs.md).
 SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", pooling="mean", max_length=128,
-              max_pairs=2_500, epochs=1, batch_size=16, lr=1e-4, warmup_steps=15, first_stage="data/sample/runs/bm25",
-              eval_queries=60, eval_candidates=20, report_splits=("dl2020",), eval_steps=1_000, logging_steps=10)
+              negatives="hard", ce_margin=0.0, max_pairs=2_500, epochs=1, batch_size=16, lr=1e-4, warmup_steps=15,
+              first_stage="data/sample/runs/bm25", eval_queries=60, eval_candidates=20, report_splits=("dl2020",),
+              eval_steps=1_000, logging_steps=10)
+
 
 def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
-    """(qid, pid, label) rows from a seeded uniform sample of the triples (MSMarco.triples(n, cfg.seed): n lines
-    drawn from the whole file, in file order, so grouped by query; the trainer's sampler shuffles): every triple
-    gives its negative (label 0), every `neg_per_pos`-th triple also its positive (label 1), just before that
-    negative. Token ids are looked up only when a batch is built (PairBatches)."""
-    n_rows = math.ceil(cfg.max_pairs * cfg.neg_per_pos / (cfg.neg_per_pos + 1))
-    t = np.asarray(data.triples(max_rows=n_rows, seed=cfg.seed))
-    i = np.arange(len(t))
-    neg_at = i + i // cfg.neg_per_pos + 1  # after the i // k + 1 positives of triples 0..i
-    pos_at = neg_at[::cfg.neg_per_pos] - 1
-    qid, pid = np.empty(len(t) + len(pos_at), np.int32), np.empty(len(t) + len(pos_at), np.int32)
-    label = np.zeros(len(qid), np.float32)
-    qid[neg_at], pid[neg_at] = t[:, 0], t[:, 2]
-    qid[pos_at], pid[pos_at], label[pos_at] = t[::cfg.neg_per_pos, 0], t[::cfg.neg_per_pos, 1], 1.0
-    queries, collection = data.queries("train"), data.collection()
-    queries.rows_of(distinct_ids(qid)), collection.rows_of(distinct_ids(pid))  # unknown ids fail now
+    """(qid, pid, label) rows: each positive (label 1) just before `neg_per_pos` negatives of its query (label 0).
 
+    triples: from a seeded uniform sample of the BM25 triples (MSMarco.triples(n, cfg.seed): n lines drawn from the
+    whole file, which is sorted by query): every triple gives its negative, every `neg_per_pos`-th also its positive.
+    hard: the CE-margin filtered hard negatives (MSMarco.filtered_negatives), in rounds: in round r each query
+    gives its (r mod #positives)-th positive and its next `neg_per_pos` negatives, cycling, until max_pairs.
+    Token ids are looked up only when a batch is built (PairBatches)."""
+    k = cfg.neg_per_pos
+    if cfg.negatives == "triples":
+        t = np.asarray(data.triples(max_rows=math.ceil(cfg.max_pairs * k / (k + 1)), seed=cfg.seed))
+        queries, pos, neg = t[:, 0], t[::k, 1], t[:, 2]
+    elif cfg.negatives == "hard":
+        positives, negatives = data.filtered_negatives(cfg.ce_margin, cfg.negs_per_system)
+        rounds = math.ceil(cfg.max_pairs / (len(positives) * (k + 1)))
+        r = np.repeat(np.arange(rounds), len(positives))
+        q = np.tile(np.arange(len(positives)), rounds)
+        pos = np.asarray(positives.values)[positives.ptr[q] + r % positives.lengths[q]]
+        j = (r * k)[:, None] + np.arange(k)  # this round's negatives of each query, cycling through its list
+        neg = np.asarray(negatives.values)[negatives.ptr[q][:, None] + j % negatives.lengths[q][:, None]].ravel()
+        queries = np.repeat(positives.qids[q], k)
+    else:
+        raise SystemExit(f"--negatives must be triples or hard, not {cfg.negatives!r}")
+    i = np.arange(len(queries))
+    neg_at = i + i // k + 1  # after the i // k + 1 positives of rows 0..i
+    pos_at = neg_at[::k] - 1
+    qid, pid = np.empty(len(i) + len(pos_at), np.int32), np.empty(len(i) + len(pos_at), np.int32)
+    label = np.zeros(len(qid), np.float32)
+    qid[neg_at], pid[neg_at] = queries, neg
+    qid[pos_at], pid[pos_at], label[pos_at] = queries[::k], pos[:len(pos_at)], 1.0
+    qid, pid, label = qid[:cfg.max_pairs], pid[:cfg.max_pairs], label[:cfg.max_pairs]
+    data.queries("train").rows_of(distinct_ids(qid)), data.collection().rows_of(distinct_ids(pid))  # fail now
     return id_dataset({"qid": qid, "pid": pid, "label": label}, "ce-v1-pairs")
+
 
 def main(cfg: Config) -> dict:
     out = resolve_dir(cfg.output_dir)
@@ -150,6 +174,7 @@ def main(cfg: Config) -> dict:
                "first_stage": {s.name: s.first_stage for s in [tune, *reports]}, "data_dir": str(data.dir)}
     report(trainer, out, results, "Reranking held-out queries (dev-tune chose the checkpoint; the others decided nothing)")
     return results
+
 
 if __name__ == "__main__":
     with user_errors():

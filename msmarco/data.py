@@ -11,10 +11,10 @@ import numpy as np
 from . import paths
 from .errors import DataError
 from .formats import bad_line, iter_id_text, iter_lines, read_qrels
-from .hard_negatives import HardNegatives
+from .hard_negatives import HardNegatives, filter_negatives
 from .sources import fetch
-from .stores import (TEACHER_DTYPE, Grouped, ScoreStore, TextStore, build_teacher, build_triples, load_array,
-                     prepared)
+from .stores import (TEACHER_DTYPE, Grouped, GroupedWriter, ScoreStore, TextStore, build_teacher, build_triples,
+                     load_array, prepared, release_pages)
 from .tokens import TokenStore, tokenizer_key
 
 
@@ -140,6 +140,40 @@ class MSMarco:
             folder = prepared(self.dir, "teacher", [src, self.path("collection.tar.gz")], lambda d: build_teacher(d, src, self.collection()))
             return load_array(folder, "teacher.bin", np.uint8).view(TEACHER_DTYPE)
         return self._once("teacher", make)
+
+    def filtered_negatives(self, ce_margin: float, per_system: int, systems: tuple[str, ...] = ()) \
+            -> tuple[Grouped, Grouped]:
+        """Positives and CE-margin-filtered hard negatives (filter_negatives) of every training query that keeps one,
+        as two Groupeds over the same qids; each query's negatives in a shuffled order. Computed once per data folder
+        and setting (minutes at full scale: one pass over the hard-negative and score stores) and memory-mapped: a
+        second start, and every torchrun process, only opens them."""
+        hn = self.hard_negatives()
+        unknown = set(systems) - set(hn.systems)
+        if unknown:
+            raise SystemExit(f"--systems names {sorted(unknown)}, not in the hard-negatives file; it has: "
+                             f"{', '.join(hn.systems)}")
+        setting = dict(ce_margin=ce_margin, negs_per_system=per_system, systems=sorted(systems))
+
+        def build(folder):
+            ce, qrels, rng = self.ce_scores(), self.qrels("train"), np.random.default_rng(0)
+            pos_w, neg_w = GroupedWriter(folder, "pos"), GroupedWriter(folder, "neg")
+            for i, qid in enumerate(hn.qids.tolist()):  # ascending
+                if i % 50_000 == 0:
+                    release_pages(hn, ce)  # one pass over 2.4 GB of stores: keep its pages out of RSS
+                pos, negs = hn.positives(qid), hn.negatives(qid)
+                kept = filter_negatives(pos, negs, ce.lookup(qid, pos), {k: ce.lookup(qid, v) for k, v in negs.items()},
+                                        ce_margin, per_system, systems)
+                if kept and qid in qrels:
+                    pos_w.add(qid, pos)
+                    neg_w.add(qid, rng.permutation(kept))
+            pos_w.close(), neg_w.close()
+            return {"setting": setting, "queries": pos_w.qids.n, "negatives": neg_w.n}
+
+        sources = ["msmarco-hard-negatives.jsonl.gz", "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz",
+                   "qrels.train.tsv"]
+        folder = prepared(self.dir, "bi-encoder-negatives-" + params_key(setting), [self.path(n) for n in sources],
+                          build)
+        return Grouped(folder, "pos"), Grouped(folder, "neg")
 
     # --- token ids, for building training batches without tokenizing text (msmarco/tokens.py)
     def tokens(self, texts: str, tokenizer) -> TokenStore:

@@ -1,5 +1,7 @@
 """The store of msmarco-hard-negatives.jsonl.gz (`{qid, pos, neg: {system: [pid]}}` per line, 503k queries and ~300M
-negatives at full size): positives and each mining system's negatives per query, in rank order, as CSR arrays."""
+negatives at full size): positives and each mining system's negatives per query, in rank order, as CSR arrays; and
+the cross-encoder margin filter that keeps the negatives a cross-encoder scores well below the positives (its
+result is a store too: MSMarco.filtered_negatives)."""
 from __future__ import annotations
 
 import json
@@ -107,3 +109,30 @@ class HardNegatives:
         for g in range(self.seg_ptr[r], self.seg_ptr[r + 1]):
             out[self.systems[self.seg_sys[g]]] = np.asarray(self.neg[self.neg_ptr[g]:self.neg_ptr[g + 1]])
         return out
+
+
+def filter_negatives(pos: np.ndarray, negs: dict[str, np.ndarray], pos_scores: np.ndarray,
+                     neg_scores: dict[str, np.ndarray], margin: float, per_system: int,
+                     systems: tuple[str, ...] = ()) -> list[int]:
+    """The CE-margin filter: a negative is kept if its cross-encoder score is <= the lowest scored positive's
+    score - margin, up to `per_system` per system (in the system's rank order), without repeats or positives.
+    Unscored negatives are dropped (they could be unlabelled positives); with no scored positive, none is kept."""
+    scored = pos_scores[~np.isnan(pos_scores)]
+    if scored.size == 0:
+        return []
+    threshold = scored.min() - margin
+    kept: list[int] = []
+    seen = set(int(p) for p in pos)
+    for name, pids in negs.items():
+        if systems and name not in systems:
+            continue
+        added = 0
+        for pid, score in zip(pids, neg_scores[name]):
+            if added >= per_system:
+                break
+            if np.isnan(score) or score > threshold or int(pid) in seen:
+                continue
+            seen.add(int(pid))
+            kept.append(int(pid))
+            added += 1
+    return kept

@@ -7,6 +7,7 @@ import torch
 
 from msmarco import config, data, paths, stores
 from msmarco.data import MSMarco
+from msmarco.hard_negatives import filter_negatives
 from test_scripts import load, tiny_config
 
 bi = load("train_bi-encoder-v2")
@@ -15,7 +16,7 @@ nan = float("nan")
 
 def kept(pos_scores, neg_scores, margin=3.0, per_system=5, systems=(), pos=(1, 2)):
     negs = {name: np.arange(100 + 10 * i, 100 + 10 * i + len(s)) for i, (name, s) in enumerate(neg_scores.items())}
-    return bi.filter_negatives(np.array(pos), negs, np.array(pos_scores, dtype=np.float32),
+    return filter_negatives(np.array(pos), negs, np.array(pos_scores, dtype=np.float32),
                                {k: np.array(v, dtype=np.float32) for k, v in neg_scores.items()},
                                margin, per_system, systems)
 
@@ -49,7 +50,7 @@ def test_per_system_cap_rank_order_repeats_and_system_choice():
     # a negative that is also a positive, or already taken from another system, is not repeated
     negs = {"bm25": np.array([1, 7, 8]), "tasb": np.array([8, 9])}
     z = {"bm25": np.zeros(3, np.float32), "tasb": np.zeros(2, np.float32)}
-    assert bi.filter_negatives(np.array([1]), negs, np.array([9.0], np.float32), z, 3.0, 5) == [7, 8, 9]
+    assert filter_negatives(np.array([1]), negs, np.array([9.0], np.float32), z, 3.0, 5) == [7, 8, 9]
 
 
 def test_filter_on_the_sample_matches_a_plain_dict_reading(tmp_path):

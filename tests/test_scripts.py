@@ -52,11 +52,24 @@ def rerun_metrics(name: str, model_dir, cfg) -> dict:
     return evaluation.rerank_metrics(evaluation.cross_encoder_run(CrossEncoder(str(model_dir)), dev), dev)
 
 
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Each script's tiny run, once for the tests of this module: name -> (module, config, results, output)."""
+    runs = {}
+
+    def run(name):
+        if name not in runs:
+            out = tmp_path_factory.mktemp(name) / "out"
+            extra = ["--report_to=tensorboard"] if name == "train_cross-encoder-v1" else []
+            mod, cfg = tiny_config(name, out, *extra)
+            runs[name] = mod, cfg, mod.main(cfg), out
+        return runs[name]
+    return run
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_trains_evaluates_saves_and_reloads(name, tmp_path):
-    mod, cfg = tiny_config(name, tmp_path / "out")
-    res = mod.main(cfg)
-    out = tmp_path / "out"
+def test_trains_evaluates_saves_and_reloads(name, tiny_runs):
+    mod, cfg, res, out = tiny_runs(name)
     for f in ["config.json", "metrics.jsonl", "metrics.png", "results.json", "baselines.json", "model"]:
         assert (out / f).exists(), f
     assert not (out / "model.tmp").exists()
@@ -79,21 +92,20 @@ def test_trains_evaluates_saves_and_reloads(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_resume_continues_from_checkpoint(name, tmp_path, capsys):
-    mod, cfg = tiny_config(name, tmp_path / "full")
-    full = mod.main(cfg)
-    mod, cut = tiny_config(name, tmp_path / "cut")
-    mod.main(cut)
-    # simulate a run cut after its first checkpoint: drop what came later, then rerun the same command
+def test_resume_continues_from_checkpoint(name, tiny_runs, tmp_path, capsys):
+    mod, cfg, full, out = tiny_runs(name)
+    # the same run cut after its first checkpoint: drop what came later, then rerun the same command
+    shutil.copytree(out, tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "checkpoint-4")
     shutil.rmtree(tmp_path / "cut" / "model")
+    cut = config.parse_cli(cfg, [f"--output_dir={tmp_path / 'cut'}"])
     capsys.readouterr()
     resumed = mod.main(cut)
     assert "resuming from" in capsys.readouterr().out
     history = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]  # no step logged twice
     assert resumed["dev-test"]["trained"] == pytest.approx(full["dev-test"]["trained"], abs=1e-6)
-    a = load_state(name, tmp_path / "full" / "model")
+    a = load_state(name, out / "model")
     b = load_state(name, tmp_path / "cut" / "model")
     assert a.keys() == b.keys()
     for k in a:
@@ -141,13 +153,12 @@ def test_missing_data_file_is_a_clear_error(name, missing, tmp_path, monkeypatch
         mod.main(cfg)
 
 
-def test_v2_student_outputs_raw_logits(tmp_path):
+def test_v2_student_outputs_raw_logits(tiny_runs):
     from sentence_transformers import CrossEncoder
-    mod, cfg = tiny_config("train_cross-encoder-v2", tmp_path)
-    res = mod.main(cfg)
+    mod, cfg, res, out = tiny_runs("train_cross-encoder-v2")
     assert set(res["trained_fit"]) == {"pearson", "spearman", "pairs"}
     assert -1 <= res["trained_fit"]["pearson"] <= 1
-    model = CrossEncoder(str(tmp_path / "model"))
+    model = CrossEncoder(str(out / "model"))
     pairs = [("what is a cat", "A cat is a small domesticated carnivorous mammal.")]
     raw = model.predict(pairs, activation_fn=torch.nn.Identity())
     assert model.predict(pairs) == pytest.approx(raw)  # no sigmoid: the teacher's logits are unbounded
@@ -206,18 +217,17 @@ def test_v1_pairs_put_each_positive_just_before_its_triples_negative(tmp_path):
     assert len({q for q, _, _ in got}) > 100
 
 
-def test_plot_and_logs_compare_with_the_baselines(tmp_path):
+def test_plot_and_logs_compare_with_the_baselines(tiny_runs):
     """metrics.png reads the model against the untrained model (its point at step 0) and the first stage (a line);
     --report_to reaches the trainer (here tensorboard event files, written with tensorboardX)."""
     from msmarco import run
-    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--report_to=tensorboard")
-    res = mod.main(cfg)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    mod, cfg, res, out = tiny_runs("train_cross-encoder-v1")  # run with --report_to=tensorboard
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     h = run.history_series(rows, "eval_dev-tune_MRR@10")
     assert h["model"][0] == (0, res["dev-tune"]["untrained"]["MRR@10"]) and [s for s, _ in h["model"]] == [0, 2, 4]
     assert h["first_stage"] == res["dev-tune"]["first_stage"]["MRR@10"] and [s for s, _ in h["loss"]] == [1, 2, 3, 4]
-    assert (tmp_path / "metrics.png").stat().st_size > 10_000
-    assert list(tmp_path.rglob("events.out.tfevents.*")), "no tensorboard logs"
+    assert (out / "metrics.png").stat().st_size > 10_000
+    assert list(out.rglob("events.out.tfevents.*")), "no tensorboard logs"
 
 
 def test_user_errors_end_with_their_message_and_exit_code_1(tmp_path, monkeypatch, capsys):
@@ -257,3 +267,19 @@ def test_user_errors_end_with_their_message_and_exit_code_1(tmp_path, monkeypatc
     proc = subprocess.run([sys.executable, "train_cross-encoder-v1.py", "--lr=fast"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1 and "error: --lr takes a float" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_v1_pairs_from_filtered_hard_negatives(tmp_path):
+    """--negatives=hard: BCE pairs from the CE-filtered hard negatives, in rounds over every training query."""
+    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--negatives=hard", "--neg_per_pos=2", "--max_pairs=900")
+    data = MSMarco(cfg.data_dir)
+    positives, negatives = data.filtered_negatives(cfg.ce_margin, cfg.negs_per_system)
+    t = mod.training_pairs(data, cfg).data.table
+    qid, pid, label = (t.column(c).to_numpy() for c in ("qid", "pid", "label"))
+    assert len(qid) == 900 and label.tolist() == [1.0, 0.0, 0.0] * 300
+    for q, p, lab in zip(qid.tolist(), pid.tolist(), label.tolist()):
+        assert p in (positives[q] if lab else negatives[q]).tolist()
+    first_round = qid[:3 * len(positives)][::3]
+    assert sorted(first_round.tolist()) == positives.qids.tolist()  # every query once per round
+    with pytest.raises(SystemExit, match="--negatives must be triples or hard"):
+        mod.training_pairs(data, config.parse_cli(cfg, ["--negatives=dense"]))
