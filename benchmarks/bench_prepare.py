@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generate_synthetic as gen  # noqa: E402
 
-STAGES = ["collection", "ce_scores", "teacher", "hard_negatives", "triples"]
+STAGES = ["collection", "tokens", "ce_scores", "teacher", "hard_negatives", "triples"]
 
 # Run in the child: `stage` and `data_dir` are set before this code. Prints one JSON line.
 CHILD = r"""
@@ -69,6 +69,13 @@ if stage == "baseline":
     rows = 0
 elif stage == "collection":
     rows = len(m.collection())
+elif stage == "tokens":  # the collection's token ids for the offline base model's tokenizer (msmarco/tokens.py)
+    from transformers import AutoTokenizer
+    from msmarco.models import offline_base_model
+    tok = m.tokens("collection", AutoTokenizer.from_pretrained(offline_base_model()))
+    rows = len(tok)
+    out["tokens"] = int(tok.offsets[-1])
+    out["store_mib"] = round((tok.ids.nbytes + tok.offsets.nbytes) / 2**20)
 elif stage == "ce_scores":
     rows = len(m.ce_scores().pids)
 elif stage == "teacher":
@@ -300,8 +307,8 @@ def extrapolate(results: list[dict], target: float = 1.0) -> None:
           "kept (16M, or all lines when fewer), so its peak is linear in the kept rows")
     print(f"{'stage':<16}{'rows':>14}{'wall s':>10}{'peak MiB':>11}")
     z = gen.sizes(target)
-    rows_at = {"collection": z["passages"], "ce_scores": hi["stages"]["ce_scores"]["rows"] / hi["factor"] * target,
-               "teacher": z["teacher_lines"], "hard_negatives": z["queries"], "triples": z["triples_lines"]}
+    rows_at = {"collection": z["passages"], "tokens": z["passages"],
+               "ce_scores": hi["stages"]["ce_scores"]["rows"] / hi["factor"] * target, "teacher": z["teacher_lines"], "hard_negatives": z["queries"], "triples": z["triples_lines"]}
     total = 0.0
     for st in STAGES:
         h = hi["stages"][st]

@@ -16,7 +16,10 @@ per step (step wall time outside the model's forward and backward passes: data, 
 trainer bookkeeping); peak memory (RSS on a CPU, reset between configurations; torch.cuda.max_memory_allocated on a
 GPU); and the ratio b / a of samples/s. Then the data pipeline alone, no model: samples/s that one core feeds
 (torch and tokenizers on one thread), the stock pipeline including its tokenization.
-The first `--warmup` steps of each configuration are not timed.
+The first `--warmup` steps of each configuration are not timed. Also reported: model TFLOP/s of the real tokens
+(6 x non-embedding parameters per token plus attention) and, with --peak_tflops, the MFU; losses that were not
+finite. --amp, --attn, --no_cudnn_sdp, --pad_multiple and --chunk_cost set the precision, attention kernels, cuDNN's
+SDPA backend and the project batches' shape, for A/B runs (benchmarks/gpu_check.py runs those on a GPU).
 """
 from __future__ import annotations
 
@@ -91,7 +94,7 @@ class Meter:
     def __init__(self, model, trainer, device: str):
         self.device = device
         self.fwd = self.bwd = 0.0
-        self.real = self.padded = 0
+        self.real = self.padded = self.square = self.nonfinite = 0
         self.step_times: list[float] = []
         self._t = 0.0
         model.register_forward_pre_hook(self._pre, with_kwargs=True)
@@ -99,6 +102,7 @@ class Meter:
         backward = trainer.accelerator.backward
 
         def timed_backward(loss, **kw):
+            self.nonfinite += int(not torch.isfinite(loss.detach()).all())
             self._sync()
             t = time.perf_counter()
             backward(loss, **kw)
@@ -114,7 +118,9 @@ class Meter:
         if module.training:
             features = args[0] if args else kwargs.get("input")
             mask = features["attention_mask"]
-            self.real += int(mask.sum())
+            lengths = mask.sum(1)
+            self.real += int(lengths.sum())
+            self.square += int((lengths.double() ** 2).sum())  # attention's work grows with each length squared
             self.padded += int(mask.numel())
             self._sync()
             self._t = time.perf_counter()
@@ -126,10 +132,11 @@ class Meter:
 
     def reset(self):
         self.fwd = self.bwd = 0.0
-        self.real = self.padded = 0
+        self.real = self.padded = self.square = self.nonfinite = 0
 
 
-def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, seed: int):
+def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, seed: int, amp: str = "none",
+                 pad_multiple: int = -1, chunk_cost: int = -1):
     """A trainer for `steps` steps of `config` ("stock" or "project"), without evaluation or checkpoints."""
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
@@ -142,7 +149,8 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
     common = dict(output_dir=str(REPO / "output" / "bench_train_speed"), max_steps=steps,
                   per_device_train_batch_size=cfg.batch_size, learning_rate=1e-5, warmup_steps=0,
                   save_strategy="no", eval_strategy="no", logging_steps=10**6, report_to="none", seed=seed,
-                  use_cpu=device == "cpu", bf16=False, disable_tqdm=True)
+                  use_cpu=device == "cpu", bf16=amp == "bf16", fp16=amp == "fp16", disable_tqdm=True)
+    shape = batch_shape(getattr(cfg, LENGTH[recipe]), pad_multiple, chunk_cost)
     if recipe in ("v1", "v2"):
         model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=torch.nn.Identity(),
                               attn=cfg.attn_implementation).to(device)
@@ -153,8 +161,7 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
             lines, _ = mod.teacher_split(data, cfg)
             ids = mod.training_samples(data, lines, "mse")
             resolve, stock_loss = TeacherSamples(data, margin=False), MSELoss(model)
-        batches = PairBatches(data, model.tokenizer, batch_shape(cfg.max_length, cfg.pad_multiple, cfg.chunk_cost),
-                              resolve=resolve)
+        batches = PairBatches(data, model.tokenizer, shape, resolve=resolve)
         if config == "stock":
             queries, collection = data.queries("train"), data.collection()
             pairs_of = resolve or (lambda c: (c["qid"], c["pid"], c["label"]))
@@ -184,8 +191,7 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
                         "negative": collection.get_many(batch["neg"])}
             kw = dict(train_dataset=ids.with_transform(to_text), loss=loss)
         else:
-            batches = TextBatches(data, model.tokenizer, batch_shape(cfg.max_seq_length, cfg.pad_multiple,
-                                                                     cfg.chunk_cost))
+            batches = TextBatches(data, model.tokenizer, shape)
             kw = dict(train_dataset=ids, loss=on_token_batches(loss), data_collator=batches)
             common["batch_sampler"] = functools.partial(mod.EpochBlockSampler, rows_per_epoch=len(positives))
         trainer = SentenceTransformerTrainer(model=model, args=SentenceTransformerTrainingArguments(**common), **kw)
@@ -194,7 +200,8 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
 
 def run_config(recipe, mod, cfg, config, a) -> dict:
     from transformers import TrainerCallback
-    trainer, model = make_trainer(recipe, mod, cfg, config, a.device, a.warmup + a.steps, a.seed)
+    trainer, model = make_trainer(recipe, mod, cfg, config, a.device, a.warmup + a.steps, a.seed, a.amp,
+                                  a.pad_multiple, a.chunk_cost)
     meter = Meter(model, trainer, a.device)
 
     class Steps(TrainerCallback):
@@ -215,13 +222,25 @@ def run_config(recipe, mod, cfg, config, a) -> dict:
     wall = sum(meter.step_times)
     n = len(meter.step_times)
     samples = n * cfg.batch_size
+    flops = model_flops(model, meter.real, meter.square) / wall
     out = {"steps": n, "samples_per_s": samples / wall, "real_tokens_per_s": meter.real / wall,
+           "model_tflops_per_s": flops / 1e12, "mfu": flops / (a.peak_tflops * 1e12) if a.peak_tflops else None,
+           "nonfinite_losses": meter.nonfinite,
            "padded_per_real": meter.padded / max(1, meter.real), "host_ms_per_step": 1000 * (wall - meter.fwd - meter.bwd) / n,
            "forward_ms_per_step": 1000 * meter.fwd / n, "backward_ms_per_step": 1000 * meter.bwd / n,
            "peak_mib": peak_mib(a.device)}
     out["pipeline_samples_per_s"] = pipeline_rate(trainer, model, recipe, config, a.pipeline_batches)
     del trainer, model
     return out
+
+
+def model_flops(model, real_tokens: int, square_lengths: int) -> float:
+    """Training FLOPs of the real tokens: 6 x the non-embedding parameters per token (forward 2, backward 4), plus
+    attention's 12 x layers x hidden x (sum of squared sequence lengths) (scores and weighted sums, forward and
+    backward). Padding is not counted: this is the useful work."""
+    config = getattr(model[0], "auto_model", model[0]).config
+    params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    return 6.0 * params * real_tokens + 12.0 * config.num_hidden_layers * config.hidden_size * square_lengths
 
 
 def pipeline_rate(trainer, model, recipe: str, config: str, batches: int) -> float:
@@ -264,11 +283,19 @@ def main(argv=None) -> dict:
     p.add_argument("--max_length", type=int, default=0, help="override the preset's sequence length")
     p.add_argument("--batch_size", type=int, default=0, help="override the preset's batch size")
     p.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, eager, flash_attention_2")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="the trainer's mixed precision")
+    p.add_argument("--no_cudnn_sdp", action="store_true", help="torch.backends.cuda.enable_cudnn_sdp(False)")
+    p.add_argument("--pad_multiple", type=int, default=-1, help="project batches' padding multiple (-1: by device)")
+    p.add_argument("--chunk_cost", type=int, default=-1, help="project batches' chunk cost (-1: by device)")
+    p.add_argument("--configs", default="stock,project", help="which configurations to run")
+    p.add_argument("--peak_tflops", type=float, default=0.0, help="the device's peak for the MFU (0: no MFU)")
     p.add_argument("--pipeline_batches", type=int, default=100, help="batches drawn to time the data pipeline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="write the results as JSON here")
     a = p.parse_args(argv)
-    results = {"device": a.device, "model": a.model, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    if a.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    results = {"settings": {k: v for k, v in vars(a).items() if k != "out"}, "device": a.device, "model": a.model, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "runs": []}
     if a.device == "cuda":
         results["gpu"] = torch.cuda.get_device_name()
@@ -278,9 +305,10 @@ def main(argv=None) -> dict:
             mod, cfg = script_cfg(recipe, preset, a)
             row = {"recipe": recipe, "preset": preset, "max_length": getattr(cfg, LENGTH[recipe]),
                    "batch_size": cfg.batch_size}
-            for config in ("stock", "project"):
+            for config in a.configs.split(","):
                 row[config] = run_config(recipe, mod, cfg, config, a)
-            row["ratio"] = row["project"]["samples_per_s"] / row["stock"]["samples_per_s"]
+            if "stock" in row and "project" in row:
+                row["ratio"] = row["project"]["samples_per_s"] / row["stock"]["samples_per_s"]
             results["runs"].append(row)
             print_row(row, flush=True)
     if a.out:
@@ -291,14 +319,15 @@ def main(argv=None) -> dict:
 
 def print_row(row: dict, flush: bool = False) -> None:
     head = f"{row['recipe']} {row['preset']} (length {row['max_length']}, batch {row['batch_size']})"
-    print(f"\n{head}: project / stock = {row['ratio']:.2f}x samples/s")
+    print(f"\n{head}" + (f": project / stock = {row['ratio']:.2f}x samples/s" if "ratio" in row else ""))
     print(f"{'':9}{'samples/s':>10}{'tokens/s':>10}{'pad/real':>9}{'host ms':>9}{'fwd ms':>9}{'bwd ms':>9}"
-          f"{'peak MiB':>10}{'pipeline/s':>11}")
-    for config in ("stock", "project"):
+          f"{'peak MiB':>10}{'pipeline/s':>11}{'TFLOP/s':>9}{'MFU':>7}")
+    for config in [c for c in ("stock", "project") if c in row]:
         r = row[config]
         print(f"{config:9}{r['samples_per_s']:10.2f}{r['real_tokens_per_s']:10.0f}{r['padded_per_real']:9.2f}"
               f"{r['host_ms_per_step']:9.1f}{r['forward_ms_per_step']:9.1f}{r['backward_ms_per_step']:9.1f}"
-              f"{r['peak_mib']:10.0f}{r['pipeline_samples_per_s']:11.0f}", flush=flush)
+              f"{r['peak_mib']:10.0f}{r['pipeline_samples_per_s']:11.0f}{r['model_tflops_per_s']:9.3f}"
+              + (f"{r['mfu']:7.1%}" if r["mfu"] is not None else f"{'':7}"), flush=flush)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,248 @@
+"""Everything that needs a GPU, in one command that fits a short GPU window (about 8 minutes on one H100/H200).
+
+On the development machine, once (the GPU machine reaches no package index and has no offline base model):
+    bash ../shared/device/prepare.sh      # wheels + the base model in fp16 into .device/; prints a command prefix
+On the GPU machine, after that prefix:
+    python benchmarks/gpu_check.py --out "$OUT"
+On a CPU, the dry run the tests do (tiny budgets, the same code):
+    python benchmarks/gpu_check.py --device=cpu --dry_run --out /tmp/gpu_check
+
+Parts, each timed and guarded (a failure is recorded with its error and the other parts still run):
+  1. speed    benchmarks/bench_train_speed.py for the three recipes at their full-default lengths and batch sizes:
+              stock vs the project's configuration (bf16, SDPA); then the project's alone with fp32, eager attention,
+              cuDNN's SDPA backend off, flash attention 2 (when importable) and unrounded padding (pad_multiple 1).
+              Samples/s, real tokens/s, model TFLOP/s and MFU, peak GPU memory, non-finite losses.
+  2. scripts  each training script's --sample run with a small step budget on the device: train, evaluate, save,
+              reload the saved model with stock sentence-transformers and score it again; for v1 also a cut run
+              resumed to the same weights, and the same run on the CPU for comparison.
+  3. evaluate evaluate.py --sample on the device: a bi-encoder (chunked top-k over the collection) and a
+              cross-encoder (reranking), with the offline base model.
+  4. torchrun the bi-encoder under torchrun --nproc_per_node=1 (NCCL on a GPU, gloo on a CPU), briefly.
+Writes gpu_check.json and gpu_check.md under --out and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK_TFLOPS = {"bf16": 989.0, "none": 67.0}  # H100/H200 SXM datasheet, dense: bf16 tensor cores, plain fp32
+SCRIPTS = ["train_cross-encoder-v1", "train_cross-encoder-v2", "train_bi-encoder-v2"]
+
+
+def sh(cmd: list[str], timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command from the repository root; a non-zero exit raises with the end of its output."""
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return proc
+
+
+def part_speed(a, work: Path) -> dict:
+    """bench_train_speed runs, each its own process (a clean allocator and clean torch.backends settings)."""
+    runs = {}
+    steps = ["--steps=1", "--warmup=0", "--pipeline_batches=2", "--max_length=32", "--batch_size=4"] if a.dry_run \
+        else [f"--steps={a.steps}", "--warmup=5", "--pipeline_batches=200"]
+    common = ["--preset=full", f"--device={a.device}", "--recipes=" + ("v1" if a.dry_run else "v1,v2,bi"), *steps]
+    amp = "bf16" if a.device == "cuda" else "none"
+    variants = {"stock_vs_project": [f"--amp={amp}"],
+                "fp32": ["--amp=none", "--configs=project"],
+                "eager": [f"--amp={amp}", "--attn=eager", "--configs=project"],
+                "no_cudnn_sdp": [f"--amp={amp}", "--no_cudnn_sdp", "--configs=project"],
+                "pad_multiple_1": [f"--amp={amp}", "--pad_multiple=1", "--configs=project"]}
+    if importlib.util.find_spec("flash_attn"):
+        variants["flash_attention_2"] = [f"--amp={amp}", "--attn=flash_attention_2", "--configs=project"]
+    else:
+        runs["flash_attention_2"] = {"skipped": "flash_attn is not installed"}
+    if a.dry_run:
+        variants = {k: v for k, v in variants.items() if k in ("stock_vs_project", "fp32")}
+    for name, extra in variants.items():
+        out = work / f"speed_{name}.json"
+        peak = PEAK_TFLOPS["bf16" if "--amp=bf16" in extra else "none"] if a.device == "cuda" else 0
+        t = time.time()
+        try:
+            sh([sys.executable, "benchmarks/bench_train_speed.py", *common, *extra, f"--peak_tflops={peak}",
+                f"--out={out}"], timeout=a.part_timeout)
+            runs[name] = {**json.loads(out.read_text()), "seconds": round(time.time() - t, 1)}
+        except Exception as e:  # noqa: BLE001 - recorded, the other variants still run
+            runs[name] = {"error": str(e)[-2000:], "seconds": round(time.time() - t, 1)}
+    return runs
+
+
+def run_script(script: str, out: Path, device: str, extra: list[str], timeout: int) -> dict:
+    env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
+    sh([sys.executable, f"{script}.py", "--sample", f"--output_dir={out}", *extra], timeout, env)
+    return json.loads((out / "results.json").read_text())
+
+
+def rescore(script: str, out: Path, device: str) -> dict:
+    """The saved model, reloaded with stock sentence-transformers on `device`, on the run's dev-test set."""
+    sys.path.insert(0, str(REPO))
+    from msmarco.data import MSMarco
+    from msmarco.evaluation import RerankEvaluator, bi_encoder_run, cross_encoder_run, load_rerank_set
+    cfg = json.loads((out / "config.json").read_text())
+    rs = load_rerank_set(MSMarco(cfg["data_dir"]), "dev-test", cfg["eval_queries"], cfg["eval_candidates"] or None,
+                         cfg["first_stage"], cfg["seed"])
+    if script.startswith("train_bi"):
+        from sentence_transformers import SentenceTransformer
+        return RerankEvaluator(rs, bi_encoder_run).metrics(SentenceTransformer(str(out / "model"), device=device))
+    from sentence_transformers import CrossEncoder
+    return RerankEvaluator(rs, cross_encoder_run).metrics(CrossEncoder(str(out / "model"), device=device))
+
+
+def part_scripts(a, work: Path) -> dict:
+    length = {"train_bi-encoder-v2": "--max_seq_length=32" if a.dry_run else "--max_seq_length=96"}
+    budget = (["--max_steps=4", "--eval_steps=2", "--eval_queries=6", "--eval_candidates=6", "--batch_size=4",
+               "--report_splits="] if a.dry_run else
+              ["--max_steps=40", "--eval_steps=20", "--eval_queries=40", "--eval_candidates=20"])
+    res = {}
+    for script in (SCRIPTS[:1] if a.dry_run else SCRIPTS):
+        t = time.time()
+        extra = budget + [length.get(script, "--max_length=48" if a.dry_run else "--max_length=128")]
+        try:
+            row = {"results": run_script(script, work / script, a.device, extra, a.part_timeout)}
+            row["reloaded_dev_test"] = rescore(script, work / script, a.device)
+            row["reload_matches"] = all(abs(row["reloaded_dev_test"][m] - row["results"]["dev-test"]["trained"][m])
+                                        < 1e-3 for m in ("MRR@10", "nDCG@10"))
+            if script == "train_cross-encoder-v1":
+                cut = work / f"{script}-cut"
+                run_script(script, cut, a.device, extra, a.part_timeout)
+                last = max((cut / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                shutil.rmtree(last)
+                run_script(script, cut, a.device, extra, a.part_timeout)
+                row["resume_max_weight_diff"] = max_weight_diff(work / script / "checkpoints" / last.name, last)
+                if a.device != "cpu":  # on a CPU it would be the same run twice
+                    cpu = run_script(script, work / f"{script}-cpu", "cpu", extra, a.part_timeout)
+                    row["cpu_dev_test"] = cpu["dev-test"]["trained"]
+                    row["device_minus_cpu_MRR@10"] = row["results"]["dev-test"]["trained"]["MRR@10"] - \
+                        cpu["dev-test"]["trained"]["MRR@10"]
+        except Exception as e:  # noqa: BLE001
+            row = {"error": str(e)[-2000:]}
+        row["seconds"] = round(time.time() - t, 1)
+        res[script] = row
+    return res
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+
+
+def part_evaluate(a, work: Path) -> dict:
+    """evaluate.py on the bundled sample: the base model as a bi-encoder, and the v1 run's saved cross-encoder."""
+    res = {}
+    env = {"CUDA_VISIBLE_DEVICES": ""} if a.device == "cpu" else {}
+    # dry run: 4 tokens a passage, since the bi-encoder encodes the whole sample collection (~30 s on 2 cores)
+    limits = ["--max_queries=5", "--max_length=4", "--depth=20", "--splits=dev"] if a.dry_run else ["--max_queries=50"]
+    ce = work / "train_cross-encoder-v1" / "model"
+    for name, model in (("bi-encoder", "offline:all-MiniLM-L6-v2"), ("cross-encoder", str(ce))):
+        t = time.time()
+        try:
+            if not Path(model).exists() and not model.startswith("offline:"):
+                raise RuntimeError(f"{model} missing: the scripts part did not save it")
+            out = work / f"evaluate-{name}"
+            sh([sys.executable, "evaluate.py", "--sample", f"--model={model}", f"--output_dir={out}", *limits],
+               a.part_timeout, env)
+            res[name] = {"metrics": json.loads((out / "metrics.json").read_text())["splits"]}
+        except Exception as e:  # noqa: BLE001
+            res[name] = {"error": str(e)[-2000:]}
+        res[name]["seconds"] = round(time.time() - t, 1)
+    return res
+
+
+def part_torchrun(a, work: Path) -> dict:
+    t = time.time()
+    out = work / "torchrun"
+    args = ["--max_steps=4", "--eval_steps=2", "--eval_queries=6", "--eval_candidates=6", "--batch_size=8",
+            "--report_splits=", "--max_seq_length=32", f"--output_dir={out}"]
+    env = {"CUDA_VISIBLE_DEVICES": ""} if a.device == "cpu" else {}
+    try:
+        sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+            "train_bi-encoder-v2.py", "--sample", *args], a.part_timeout, env)
+        res = {"results": json.loads((out / "results.json").read_text())["dev-test"]}
+    except Exception as e:  # noqa: BLE001
+        res = {"error": str(e)[-2000:]}
+    res["seconds"] = round(time.time() - t, 1)
+    return res
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# GPU check, {report['date']}, {report['gpu']}", "",
+             f"torch {report['torch']}, transformers {report['transformers']}, sentence-transformers "
+             f"{report['sentence_transformers']}; {report['seconds']} s in all", ""]
+    speed = report["parts"].get("speed", {})
+    if isinstance(speed, dict) and "error" not in speed:
+        lines += ["## Training speed (full-default lengths)", "",
+                  "| variant | recipe | config | samples/s | real tokens/s | pad/real | TFLOP/s | MFU | peak MiB | "
+                  "non-finite losses | project/stock |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, run in speed.items():
+            if "runs" not in run:
+                lines.append(f"| {name} | | | {run.get('error', run.get('skipped', ''))[:80]} |||||||")
+                continue
+            for row in run["runs"]:
+                for config in ("stock", "project"):
+                    if config in row:
+                        r = row[config]
+                        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
+                        ratio = f"{row['ratio']:.2f}" if "ratio" in row and config == "project" else ""
+                        lines.append(f"| {name} | {row['recipe']} | {config} | {r['samples_per_s']:.1f} | "
+                                     f"{r['real_tokens_per_s']:.0f} | {r['padded_per_real']:.2f} | "
+                                     f"{r['model_tflops_per_s']:.2f} | {mfu} | {r['peak_mib']:.0f} | "
+                                     f"{r['nonfinite_losses']} | {ratio} |")
+        lines.append("")
+    for part in ("scripts", "evaluate", "torchrun"):
+        lines += [f"## {part}", "", "```", json.dumps(report["parts"].get(part), indent=1)[:6000], "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dry_run", action="store_true", help="tiny budgets: the CPU run the tests do")
+    p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "output" / "gpu_check")))
+    p.add_argument("--steps", type=int, default=30, help="timed steps per speed configuration")
+    p.add_argument("--parts", default="speed,scripts,evaluate,torchrun")
+    p.add_argument("--part_timeout", type=int, default=600, help="seconds for one command of a part")
+    a = p.parse_args(argv)
+    import torch
+    import transformers
+    import sentence_transformers
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device here; use --device=cpu --dry_run for the CPU dry run")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    t0 = time.time()
+    report = {"date": time.strftime("%Y-%m-%d"), "device": a.device, "dry_run": a.dry_run,
+              "gpu": torch.cuda.get_device_name() if a.device == "cuda" else "none (CPU dry run)",
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "sentence_transformers": sentence_transformers.__version__, "parts": {}}
+    parts = {"speed": part_speed, "scripts": part_scripts, "evaluate": part_evaluate, "torchrun": part_torchrun}
+    for name in a.parts.split(","):
+        t = time.time()
+        try:
+            report["parts"][name] = parts[name](a, work)
+        except Exception:  # noqa: BLE001 - a part's own bug: recorded, the next part runs
+            report["parts"][name] = {"error": traceback.format_exc()[-3000:]}
+        print(f"{name}: {time.time() - t:.0f} s", flush=True)
+        report["seconds"] = round(time.time() - t0)
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1))  # after every part: a cut run keeps some
+    (out / "gpu_check.md").write_text(markdown(report))
+    print(markdown(report))
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
