@@ -308,7 +308,8 @@ def extrapolate(results: list[dict], target: float = 1.0) -> None:
     print(f"{'stage':<16}{'rows':>14}{'wall s':>10}{'peak MiB':>11}")
     z = gen.sizes(target)
     rows_at = {"collection": z["passages"], "tokens": z["passages"],
-               "ce_scores": hi["stages"]["ce_scores"]["rows"] / hi["factor"] * target, "teacher": z["teacher_lines"], "hard_negatives": z["queries"], "triples": z["triples_lines"]}
+               "ce_scores": hi["stages"]["ce_scores"]["rows"] / hi["factor"] * target, "teacher": z["teacher_lines"],
+               "hard_negatives": z["queries"], "triples": z["triples_lines"]}
     total = 0.0
     for st in STAGES:
         h = hi["stages"][st]

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train_speed.py                           # CPU, offline base model, both presets, ~10 min
     python benchmarks/bench_train_speed.py --preset=sample --steps=3 # quicker
-    python benchmarks/bench_train_speed.py --device=cuda --steps=50  # on a GPU (benchmarks/gpu_check.sh runs it)
+    python benchmarks/bench_train_speed.py --device=cuda --steps=50  # on a GPU (benchmarks/gpu_check.py runs it)
 
 For each recipe (v1: BCE pairs, v2: MSE on teacher lines, bi: MNRL triplets) and preset (its --sample lengths and
 batch size, or its full-scale defaults), the same model, data and samples per step run N optimizer steps through the
