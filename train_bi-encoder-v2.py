@@ -54,6 +54,7 @@ from msmarco.run import baseline_metrics, merge, metric_history, report, save_mo
 from msmarco.sampling import SamplerEpoch, no_duplicate_batches
 from msmarco.stores import Grouped
 
+
 @dataclass
 class Config:
     sample: bool = False  # run on data/sample with the offline base model and a CPU budget (see SAMPLE)

@@ -46,6 +46,7 @@ from msmarco.paths import resolve_dir
 from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run, teacher_description
 from msmarco.sampling import SamplerEpoch, length_grouped_batches
 
+
 @dataclass
 class Config:
     sample: bool = False  # run on data/sample with the offline base model and a CPU budget (see SAMPLE)
