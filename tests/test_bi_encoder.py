@@ -84,11 +84,13 @@ def test_filter_on_the_sample_matches_a_plain_dict_reading(tmp_path):
 
 def test_filtered_negatives_are_built_once_per_setting(tmp_path):
     """The filter's result is a store: a second call opens it, and a new margin gets its own."""
-    _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
+    import json
+    _, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--ce_margin=3.0")  # the full recipe's margin
     data = MSMarco(cfg.data_dir)
     first = bi.training_queries(data, cfg)[1]
-    stores = sorted(p.name for p in (data.dir / paths.PREPARED).glob("bi-encoder-negatives-*") if p.is_dir())
-    folder = data.dir / paths.PREPARED / stores[0]
+    folder, = (p for p in (data.dir / paths.PREPARED).glob("bi-encoder-negatives-*") if p.is_dir()
+               and json.loads((p / "meta.json").read_text())["setting"] == dict(ce_margin=3.0, negs_per_system=5,
+                                                                                systems=[]))
     mtime = (folder / "meta.json").stat().st_mtime_ns
     again = bi.training_queries(data, cfg)[1]
     assert (folder / "meta.json").stat().st_mtime_ns == mtime  # opened, not rebuilt
