@@ -1,8 +1,7 @@
 """Everything that needs a GPU, in one command that fits a short GPU window (about 8 minutes on one H100/H200).
 
-On the development machine, once (the GPU machine reaches no package index and has no offline base model):
-    bash ../shared/device/prepare.sh      # wheels + the base model in fp16 into .device/; prints a command prefix
-On the GPU machine, after that prefix:
+The GPU machine may reach no package index and have no offline base model: carry what it lacks with the repository
+(wheels, and the base model in fp16, in the git-ignored .device/ folder) and install them there first. Then:
     python benchmarks/gpu_check.py --out "$OUT"
 On a CPU, the dry run the tests do (tiny budgets, the same code):
     python benchmarks/gpu_check.py --device=cpu --dry_run --out /tmp/gpu_check
