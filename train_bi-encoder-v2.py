@@ -247,7 +247,8 @@ def main(cfg: Config) -> dict:
                "first_stage": {s.name: s.first_stage for s in [tune, *reports]},
                "training_queries": len(positives), "data_dir": str(data.dir)}
     report(trainer, out, results, "Reranking held-out queries (dev-tune chose the checkpoint; the others decided "
-                                  f"nothing); retrieval: {reports[0].name} from {len(data.collection()):,} passages")
+                                  "nothing)" + (f"; retrieval: {reports[0].name} from {len(data.collection()):,} "
+                                                "passages" if cfg.retrieval_eval else ""))
     return results
 
 
