@@ -85,7 +85,7 @@ class Config:
 # --sample: the whole recipe on the bundled miniature, offline, on 2 CPU cores in under 5 minutes. The base is a
 # sentence-embedding model, so its mean token state already carries meaning: a head on it (pooling=mean) learns
 # far faster than the stock [CLS] head there. The run is compute-bound: 64 tokens a pair (the query and the start
-# of the passage) buy 3,900 pairs in the time 128 tokens took for 2,500, and won on dev-tune; --negatives=hard tied
+# of the passage) buy 3,900 pairs in less time than 128 took for 2,500, and won on dev-tune; --negatives=hard tied
 # with the BM25 triples there over 3 seeds, so the recipe keeps its own data (docs/sample-runs.md).
 SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", pooling="mean", max_length=64,
               max_pairs=3_900, epochs=1, batch_size=16, lr=1e-4, warmup_steps=15,
