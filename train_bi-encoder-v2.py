@@ -48,7 +48,7 @@ from msmarco.distributed import main_process_first, process_group
 from msmarco.errors import user_errors
 from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_run, evaluation_sets,
                                 rerank_table)
-from msmarco.models import freeze_unused_pooler, precision_args, resolve_model
+from msmarco.models import freeze_unused_pooler, precision_args, resolve_model, set_dropout
 from msmarco.paths import resolve_dir
 from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run
 from msmarco.sampling import SamplerEpoch, no_duplicate_batches
@@ -62,6 +62,7 @@ class Config:
     model_name: str = "distilbert-base-uncased"  # encoder to start from: hub name, folder or offline:<name>
     similarity: str = "cosine"  # cosine or dot (dot: no normalisation, like msmarco-distilbert-dot-v5)
     attn_implementation: str = "sdpa"  # attention kernels: sdpa, eager, or flash_attention_2 (GPU, if installed)
+    dropout: float = -1.0  # dropout probability of every layer while training (-1: the base model's own, 0.1 for BERT)
     max_seq_length: int = 300  # tokens per query or passage
     negatives: str = "hard"  # hard: msmarco-hard-negatives filtered by CE score; triples: BM25 qidpidtriples
     ce_margin: float = 3.0  # keep a negative only if its CE score <= lowest positive CE score - margin
@@ -197,13 +198,15 @@ def main(cfg: Config) -> dict:
     print(f"{len(positives):,} training queries with {len(negatives.values):,} negatives kept; evaluation: "
           + ", ".join(f"{s.name} {len(s.qids)}" for s in [tune, *reports]))
 
-    # 2. Model: transformer + mean pooling; cosine or dot similarity.
+    # 2. Model: transformer + mean pooling; cosine or dot similarity; dropout as the base model has it, or --dropout.
     torch.manual_seed(cfg.seed)
     transformer = Transformer(resolve_model(cfg.model_name), max_seq_length=cfg.max_seq_length,
                               model_kwargs={"attn_implementation": cfg.attn_implementation})
     freeze_unused_pooler(transformer)  # mean pooling skips a BERT pooler; DDP must not wait for its gradients
     model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
                                 similarity_fn_name=cfg.similarity)
+    if cfg.dropout >= 0:
+        set_dropout(model, cfg.dropout)
 
     # 3. Loss: in-batch negatives plus one hard negative per query, fed batches of token ids (each chunk of
     #    queries or passages padded to its own longest text); under torchrun the batches of all devices serve as

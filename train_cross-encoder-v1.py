@@ -54,6 +54,7 @@ class Config:
     model_name: str = "microsoft/MiniLM-L12-H384-uncased"  # encoder to start from: hub name, folder or offline:<name>
     pooling: str = "cls"  # head input: cls ([CLS] + pooler, BertForSequenceClassification) or mean (mean of token states)
     attn_implementation: str = "sdpa"  # attention kernels: sdpa, eager, or flash_attention_2 (GPU, if installed)
+    dropout: float = -1.0  # dropout probability of every layer while training (-1: the base model's own, 0.1 for BERT)
     max_length: int = 512  # tokens of query + passage (longer is truncated)
     negatives: str = "triples"  # triples: BM25 negatives of qidpidtriples; hard: msmarco-hard-negatives, CE-filtered
     neg_per_pos: int = 4  # negatives per positive pair
@@ -143,7 +144,8 @@ def main(cfg: Config) -> dict:
     # 2. Model: a plain encoder with a new one-logit head on [CLS] or on the mean token state. The head's bias
     #    starts at the labels' prior log-odds, log(1 / neg_per_pos), so no steps are spent learning it.
     torch.manual_seed(cfg.seed)
-    model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=None, attn=cfg.attn_implementation)
+    model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=None, attn=cfg.attn_implementation,
+                          dropout=cfg.dropout)
     head_bias(model).fill_(math.log(1 / cfg.neg_per_pos))
 
     # 3. Loss: binary cross-entropy on the raw logit, fed batches of token ids: pairs of similar lengths, each chunk

@@ -55,6 +55,7 @@ class Config:
     loss: str = "mse"  # mse: each (query, passage) logit to the teacher's; margin_mse: the pos-neg difference
     pooling: str = "cls"  # head input: cls ([CLS] + pooler, BertForSequenceClassification) or mean (mean of token states)
     attn_implementation: str = "sdpa"  # attention kernels: sdpa, eager, or flash_attention_2 (GPU, if installed)
+    dropout: float = -1.0  # dropout probability of every layer while training (-1: the base model's own, 0.1 for BERT)
     max_length: int = 512  # tokens of query + passage
     max_lines: int = -1  # teacher lines to train on (-1: all ~40M)
     heldout_queries: int = 1000  # training queries whose teacher lines are held out to measure student-teacher fit
@@ -155,7 +156,7 @@ def main(cfg: Config) -> dict:
     #    the sample): Adam moves a bias by ~lr per step, so MSE would otherwise spend its whole run on that offset.
     torch.manual_seed(cfg.seed)
     model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=torch.nn.Identity(),
-                          attn=cfg.attn_implementation)
+                          attn=cfg.attn_implementation, dropout=cfg.dropout)
     spread = data.teacher_scores()[train_lines[::max(1, len(train_lines) // 1_000_000)]]  # ~1M lines: mean +-0.005
     head_bias(model).fill_(float(spread["pos_score"].mean() + spread["neg_score"].mean()) / 2
                            if cfg.loss == "mse" else 0.0)

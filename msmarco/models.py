@@ -76,25 +76,44 @@ def freeze_unused_pooler(transformer) -> None:
         pooler.requires_grad_(False)
 
 
-def cross_encoder(model_name: str, max_length: int, pooling: str, activation=None, attn: str = "sdpa"):
+def cross_encoder(model_name: str, max_length: int, pooling: str, activation=None, attn: str = "sdpa",
+                  dropout: float = -1.0):
     """A CrossEncoder with a new one-logit head, for both cross-encoder recipes: on [CLS] + pooler (the stock
     sequence-classification head) or a linear layer on the mean of the token states (which keeps a sentence
     encoder's pre-trained representation in play). Both load with stock CrossEncoder(path). `attn`: transformers'
-    attention implementation (sdpa, eager, flash_attention_2)."""
+    attention implementation (sdpa, eager, flash_attention_2). `dropout` >= 0: the probability of every dropout
+    layer while training (set_dropout); -1 keeps the base model's own."""
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder
     from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
     name = resolve_model(model_name)
     if pooling == "cls":
-        return CrossEncoder(name, num_labels=1, max_length=max_length, activation_fn=activation,
-                            model_kwargs={"attn_implementation": attn})
-    if pooling != "mean":
+        model = CrossEncoder(name, num_labels=1, max_length=max_length, activation_fn=activation,
+                             model_kwargs={"attn_implementation": attn})
+    elif pooling == "mean":
+        t = Transformer(name, max_seq_length=max_length, model_kwargs={"attn_implementation": attn})
+        freeze_unused_pooler(t)
+        dim = t.get_embedding_dimension()
+        head = Dense(dim, 1, activation_function=torch.nn.Identity(), module_output_name="scores")
+        model = CrossEncoder(modules=[t, Pooling(dim, "mean"), head], activation_fn=activation)
+    else:
         raise SystemExit(f"--pooling must be cls or mean, not {pooling!r}")
-    t = Transformer(name, max_seq_length=max_length, model_kwargs={"attn_implementation": attn})
-    freeze_unused_pooler(t)
-    dim = t.get_embedding_dimension()
-    head = Dense(dim, 1, activation_function=torch.nn.Identity(), module_output_name="scores")
-    return CrossEncoder(modules=[t, Pooling(dim, "mean"), head], activation_fn=activation)
+    if dropout >= 0:
+        set_dropout(model, dropout)
+    return model
+
+
+def set_dropout(model, p: float) -> None:
+    """Set the probability of every dropout layer of `model` to `p`, whatever the architecture names its config
+    fields (BERT: hidden_dropout_prob, DistilBERT: dropout, ...): transformers' attention kernels read their
+    dropout from these layers too. The saved config keeps the base model's values, so a model trained further
+    from the saved one gets the usual dropout again."""
+    import torch
+    if not 0 <= p < 1:
+        raise SystemExit(f"--dropout must be in [0, 1) (or -1: the base model's own), not {p}")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
 
 
 def head_bias(model):

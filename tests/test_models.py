@@ -49,6 +49,26 @@ def test_head_bias_is_the_bias_of_the_logit(tiny_models, arch, pooling):
     torch.testing.assert_close(after - before, torch.full_like(before, 2.5), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])  # their configs name dropout differently
+def test_dropout_zero_makes_training_forward_passes_deterministic(tiny_models, arch):
+    features = None
+    for dropout, same in ((-1.0, False), (0.0, True)):
+        torch.manual_seed(0)
+        model = models.cross_encoder(tiny_models[arch], max_length=32, pooling="mean", dropout=dropout)
+        rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+        assert rates == ({0.0} if same else {0.1}), rates  # -1 keeps the base model's own
+        config = model[0].auto_model.config  # what a saved model would carry: the base model's dropout, unchanged
+        assert getattr(config, "hidden_dropout_prob", getattr(config, "dropout", None)) == 0.1
+        features = features or model.preprocess(PAIRS)
+        model.train()
+        first, second = (model(dict(features))["scores"] for _ in range(2))
+        assert torch.equal(first, second) == same
+    model.eval()
+    assert torch.equal(model(dict(features))["scores"], first)  # no dropout: training computes what scoring does
+    with pytest.raises(SystemExit, match="--dropout must be in"):
+        models.cross_encoder(tiny_models["bert"], max_length=32, pooling="mean", dropout=1.5)
+
+
 def test_head_bias_without_a_biased_logit_layer_names_the_model(tiny_models):
     model = models.cross_encoder(tiny_models["bert"], max_length=32, pooling="cls")
     model[0].auto_model.classifier = torch.nn.Linear(32, 1, bias=False)
