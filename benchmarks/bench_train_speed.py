@@ -9,7 +9,8 @@ batch size, or its full-scale defaults), the same model, data and samples per st
 real sentence-transformers trainer in two configurations:
   (a) stock:   text rows, the trainer's default batch sampler and collator, the stock loss (which tokenizes);
   (b) project: id rows, the script's batch sampler (length-grouped for the cross-encoders), token-id batches cut into
-               length chunks (msmarco/batching.py), the stock loss fed by them (on_token_batches).
+               length chunks (msmarco/batching.py), the stock loss fed by them (on_token_batches), and the script's
+               dropout (the cross-encoders' --sample presets train without; --dropout=base keeps the base model's).
 Printed and written as JSON (--out) per recipe, preset and configuration: samples/s and real tokens/s; padded tokens
 per real token (what the model was given / what was text and special tokens, counted at the model's input); host ms
 per step (step wall time outside the model's forward and backward passes: data, collation, tokenization, optimizer,
@@ -41,7 +42,7 @@ import torch  # noqa: E402
 from msmarco.batching import PairBatches, TextBatches, batch_shape, on_token_batches  # noqa: E402
 from msmarco.config import parse_cli  # noqa: E402
 from msmarco.data import MSMarco, TeacherSamples  # noqa: E402
-from msmarco.models import cross_encoder, resolve_model  # noqa: E402
+from msmarco.models import cross_encoder, resolve_model, set_dropout  # noqa: E402
 from msmarco.sampling import length_grouped_batches  # noqa: E402
 
 SCRIPTS = {"v1": "train_cross-encoder-v1", "v2": "train_cross-encoder-v2", "bi": "train_bi-encoder-v2"}
@@ -136,8 +137,9 @@ class Meter:
 
 
 def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, seed: int, amp: str = "none",
-                 pad_multiple: int = -1, chunk_cost: int = -1):
-    """A trainer for `steps` steps of `config` ("stock" or "project"), without evaluation or checkpoints."""
+                 pad_multiple: int = -1, chunk_cost: int = -1, dropout: float = -1.0):
+    """A trainer for `steps` steps of `config` ("stock" or "project"), without evaluation or checkpoints; `dropout`
+    >= 0 sets the model's dropout (set_dropout), -1 keeps the base model's."""
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
     from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
@@ -153,7 +155,7 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
     shape = batch_shape(getattr(cfg, LENGTH[recipe]), pad_multiple, chunk_cost)
     if recipe in ("v1", "v2"):
         model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=torch.nn.Identity(),
-                              attn=cfg.attn_implementation).to(device)
+                              attn=cfg.attn_implementation, dropout=dropout).to(device)
         if recipe == "v1":
             ids = mod.training_pairs(data, cfg)
             resolve, stock_loss = None, BinaryCrossEntropyLoss(model)
@@ -179,6 +181,8 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
         t = Transformer(resolve_model(cfg.model_name), max_seq_length=cfg.max_seq_length,
                         model_kwargs={"attn_implementation": cfg.attn_implementation})
         model = SentenceTransformer(modules=[t, Pooling(t.get_embedding_dimension(), "mean")]).to(device)
+        if dropout >= 0:
+            set_dropout(model, dropout)
         positives, negatives = mod.training_queries(data, cfg)
         rows = mod.rotation(positives, negatives, 1, cfg.seed)
         ids = mod.training_triplets(rows)
@@ -200,8 +204,9 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
 
 def run_config(recipe, mod, cfg, config, a) -> dict:
     from transformers import TrainerCallback
+    dropout = cfg.dropout if config == "project" and a.dropout == "script" else -1.0
     trainer, model = make_trainer(recipe, mod, cfg, config, a.device, a.warmup + a.steps, a.seed, a.amp,
-                                  a.pad_multiple, a.chunk_cost)
+                                  a.pad_multiple, a.chunk_cost, dropout)
     meter = Meter(model, trainer, a.device)
 
     class Steps(TrainerCallback):
@@ -288,6 +293,9 @@ def main(argv=None) -> dict:
     p.add_argument("--pad_multiple", type=int, default=-1, help="project batches' padding multiple (-1: by device)")
     p.add_argument("--chunk_cost", type=int, default=-1, help="project batches' chunk cost (-1: by device)")
     p.add_argument("--configs", default="stock,project", help="which configurations to run")
+    p.add_argument("--dropout", choices=["script", "base"], default="script",
+                   help="the project configuration's dropout: the script's (its --sample preset turns it off) or "
+                        "the base model's, as stock keeps it (then the ratio is the batches' alone)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="the device's peak for the MFU (0: no MFU)")
     p.add_argument("--pipeline_batches", type=int, default=100, help="batches drawn to time the data pipeline")
     p.add_argument("--seed", type=int, default=0)
@@ -304,7 +312,7 @@ def main(argv=None) -> dict:
         for preset in presets:
             mod, cfg = script_cfg(recipe, preset, a)
             row = {"recipe": recipe, "preset": preset, "max_length": getattr(cfg, LENGTH[recipe]),
-                   "batch_size": cfg.batch_size}
+                   "batch_size": cfg.batch_size, "project_dropout": cfg.dropout if a.dropout == "script" else -1.0}
             for config in a.configs.split(","):
                 row[config] = run_config(recipe, mod, cfg, config, a)
             if "stock" in row and "project" in row:
@@ -318,7 +326,9 @@ def main(argv=None) -> dict:
 
 
 def print_row(row: dict, flush: bool = False) -> None:
-    head = f"{row['recipe']} {row['preset']} (length {row['max_length']}, batch {row['batch_size']})"
+    drop = row.get("project_dropout", -1.0)
+    head = (f"{row['recipe']} {row['preset']} (length {row['max_length']}, batch {row['batch_size']}"
+            + (f"; project dropout {drop:g}" if drop >= 0 else "") + ")")
     print(f"\n{head}" + (f": project / stock = {row['ratio']:.2f}x samples/s" if "ratio" in row else ""))
     print(f"{'':9}{'samples/s':>10}{'tokens/s':>10}{'pad/real':>9}{'host ms':>9}{'fwd ms':>9}{'bwd ms':>9}"
           f"{'peak MiB':>10}{'pipeline/s':>11}{'TFLOP/s':>9}{'MFU':>7}")
