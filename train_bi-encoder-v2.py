@@ -205,8 +205,7 @@ def main(cfg: Config) -> dict:
     freeze_unused_pooler(transformer)  # mean pooling skips a BERT pooler; DDP must not wait for its gradients
     model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
                                 similarity_fn_name=cfg.similarity)
-    if cfg.dropout >= 0:
-        set_dropout(model, cfg.dropout)
+    set_dropout(model, cfg.dropout)
 
     # 3. Loss: in-batch negatives plus one hard negative per query, fed batches of token ids (each chunk of
     #    queries or passages padded to its own longest text); under torchrun the batches of all devices serve as

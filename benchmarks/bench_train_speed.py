@@ -138,8 +138,8 @@ class Meter:
 
 def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, seed: int, amp: str = "none",
                  pad_multiple: int = -1, chunk_cost: int = -1, dropout: float = -1.0):
-    """A trainer for `steps` steps of `config` ("stock" or "project"), without evaluation or checkpoints; `dropout`
-    >= 0 sets the model's dropout (set_dropout), -1 keeps the base model's."""
+    """A trainer for `steps` steps of `config` ("stock" or "project"), without evaluation or checkpoints; `dropout`:
+    the model's dropout (set_dropout; -1 keeps the base model's)."""
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
     from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
@@ -181,8 +181,7 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
         t = Transformer(resolve_model(cfg.model_name), max_seq_length=cfg.max_seq_length,
                         model_kwargs={"attn_implementation": cfg.attn_implementation})
         model = SentenceTransformer(modules=[t, Pooling(t.get_embedding_dimension(), "mean")]).to(device)
-        if dropout >= 0:
-            set_dropout(model, dropout)
+        set_dropout(model, dropout)
         positives, negatives = mod.training_queries(data, cfg)
         rows = mod.rotation(positives, negatives, 1, cfg.seed)
         ids = mod.training_triplets(rows)

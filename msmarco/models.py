@@ -82,7 +82,7 @@ def cross_encoder(model_name: str, max_length: int, pooling: str, activation=Non
     sequence-classification head) or a linear layer on the mean of the token states (which keeps a sentence
     encoder's pre-trained representation in play). Both load with stock CrossEncoder(path). `attn`: transformers'
     attention implementation (sdpa, eager, flash_attention_2). `dropout` >= 0: the probability of every dropout
-    layer while training (set_dropout); -1 keeps the base model's own."""
+    layer while training; -1 keeps the base model's own (set_dropout)."""
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder
     from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
@@ -98,17 +98,18 @@ def cross_encoder(model_name: str, max_length: int, pooling: str, activation=Non
         model = CrossEncoder(modules=[t, Pooling(dim, "mean"), head], activation_fn=activation)
     else:
         raise SystemExit(f"--pooling must be cls or mean, not {pooling!r}")
-    if dropout >= 0:
-        set_dropout(model, dropout)
+    set_dropout(model, dropout)
     return model
 
 
 def set_dropout(model, p: float) -> None:
-    """Set the probability of every dropout layer of `model` to `p`, whatever the architecture names its config
-    fields (BERT: hidden_dropout_prob, DistilBERT: dropout, ...): transformers' attention kernels read their
-    dropout from these layers too. The saved config keeps the base model's values, so a model trained further
+    """Set the probability of every dropout layer of `model` to `p` (-1: leave the base model's own), whatever the
+    architecture names its config fields (BERT: hidden_dropout_prob, DistilBERT: dropout, ...): transformers'
+    attention kernels read their dropout from these layers too. The saved config keeps the base model's values, so a model trained further
     from the saved one gets the usual dropout again."""
     import torch
+    if p == -1:
+        return
     if not 0 <= p < 1:
         raise SystemExit(f"--dropout must be in [0, 1) (or -1: the base model's own), not {p}")
     for m in model.modules():
