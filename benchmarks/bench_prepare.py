@@ -244,20 +244,29 @@ HEADER = (f"{'stage':<16}{'rows':>14}{'wall s':>10}{'peak MiB':>11}{'Δbase':>10
           f"{'rows/s':>13}")
 
 
+# the generated sources each preparation stage reads (second_start and the scripts read them all)
+STAGE_SOURCES = {"collection": ["collection"], "tokens": ["collection"], "ce_scores": ["ce_scores"],
+                 "teacher": ["teacher"], "hard_negatives": ["hard_negatives"], "triples": ["triples"]}
+
+
 def bench_factor(factor: float, root: Path, with_pickle: bool, scripts: bool = True,
-                 prepare: bool = True) -> dict:
+                 prepare: bool = True, stages: list[str] | None = None) -> dict:
+    """stages: a subset of STAGES to measure, alone (generating only their sources; no second start, no scripts)."""
     folder = root / f"factor-{factor:g}"
     if prepare:
         shutil.rmtree(folder / ".prepared", ignore_errors=True)  # measure the preparation, not a cache hit
     z = gen.sizes(factor)
     print(f"\n=== factor {factor:g}: {z} -> {folder}", flush=True)
-    have = all((folder / f).exists() for f in [*gen.FILES.values(), *gen.EXTRA_FILES.values()]) and (folder / "sizes.json").exists() and \
-        json.loads((folder / "sizes.json").read_text()) == z
+    needed = sorted({f for st in stages for f in STAGE_SOURCES[st]}) if stages else list(gen.FILES)
+    marks = folder / "sizes.json"  # these sizes, and which sources were generated whole at them
+    done = json.loads(marks.read_text()) if marks.exists() else {}
+    have = set(done.get("generated", [])) if done.get("sizes") == z else set()
+    missing = [f for f in needed if f not in have or not (folder / gen.FILES[f]).exists()]
     t = time.time()
-    if not have:
-        gen.generate(folder, factor)
-        (folder / "sizes.json").write_text(json.dumps(z))
-        print(f"generated in {time.time() - t:.1f} s", flush=True)
+    if missing:
+        gen.generate(folder, factor, only=missing)
+        marks.write_text(json.dumps({"sizes": z, "generated": sorted(have | set(missing))}))
+        print(f"generated {', '.join(missing)} in {time.time() - t:.1f} s", flush=True)
     else:
         print("using the sources already generated there", flush=True)
     res = {"factor": factor, "sizes": z, "stages": {}}
@@ -269,7 +278,7 @@ def bench_factor(factor: float, root: Path, with_pickle: bool, scripts: bool = T
     b = base["maxrss_mib"]
     print(f"import baseline (python + numpy + msmarco.data): {b:.1f} MiB peak RSS, import {base['import_s']} s")
     print(HEADER)
-    for st in STAGES + ["second_start"] + (["pickle_load"] if with_pickle else []):
+    for st in stages or STAGES + ["second_start"] + (["pickle_load"] if with_pickle else []):
         r = run_child(st, folder)
         res["stages"][st] = r
         extra = ""
@@ -283,11 +292,11 @@ def bench_factor(factor: float, root: Path, with_pickle: bool, scripts: bool = T
         elif st == "pickle_load":
             extra = "plain pickle.load(gzip.open(...)) of the same score pickle (the classic scripts)"
         print(fmt_row(st, r["rows"], r["wall_s"], r["maxrss_mib"], b, extra), flush=True)
-    if with_pickle:
+    if with_pickle and not stages:
         a, p = res["stages"]["ce_scores"]["maxrss_mib"] - b, res["stages"]["pickle_load"]["maxrss_mib"] - b
         print(f"score pickle, growth over baseline: streaming store {a:.1f} MiB vs pickle.load {p:.1f} MiB "
               f"(x{p / max(a, 1e-9):.1f})")
-    if scripts:
+    if scripts and not stages:
         res["scripts"] = bench_scripts(folder)
     return res
 
@@ -341,7 +350,13 @@ def main(argv=None) -> None:
                     help="only the data layer's stages, not the training scripts' starts")
     ap.add_argument("--only-scripts", action="store_true",
                     help="only the training scripts' starts, on the stores of an earlier run in --dir")
+    ap.add_argument("--stages", default=None,
+                    help="comma-separated subset of " + ",".join(STAGES) + ": measure only these (and generate only "
+                    "their sources); no second start, no scripts")
     a = ap.parse_args(argv)
+    stages = None if a.stages is None else [s.strip() for s in a.stages.split(",") if s.strip()]
+    if stages and (bad := set(stages) - set(STAGES)):
+        ap.error(f"unknown --stages {sorted(bad)}; choose from {STAGES}")
     root = a.dir or Path(tempfile.mkdtemp(prefix="msmarco-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     results = []
@@ -349,8 +364,8 @@ def main(argv=None) -> None:
         factors = sorted(a.factor)
         for f in factors:
             results.append(bench_factor(f, root, with_pickle=(f == factors[0]), scripts=a.scripts,
-                                        prepare=not a.only_scripts))
-        if not a.only_scripts and max(factors) < 1.0:
+                                        prepare=not a.only_scripts, stages=stages))
+        if not a.only_scripts and not stages and max(factors) < 1.0:
             extrapolate(results)
         if a.json:
             a.json.write_text(json.dumps(results, indent=1))
