@@ -4,7 +4,7 @@ A CrossEncoder (one relevance logit per (query, passage)) is trained from a plai
 pairs drawn from the MS MARCO BM25 training triples (qidpidtriples): each query's positive with label 1
 and `neg_per_pos` of its BM25 negatives with label 0. The triples are a seeded uniform sample of the whole
 file (which is sorted by query: its first lines would be ~4% of the training queries); the sample is drawn
-once per data folder, size and seed (one pass over the 398M lines, ~4 min at full size) and reopened
+once per data folder, size and seed (one pass over the 398M lines, 3 min at full size) and reopened
 after that. Pairs are ids until a batch is built, so the full run (20M pairs) never holds their texts in memory.
 `--negatives=hard` draws the negatives from msmarco-hard-negatives instead (BM25 and dense systems' top hits,
 kept only where the cross-encoder scores them `ce_margin` below the positives), still BCE on labelled pairs.

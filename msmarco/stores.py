@@ -417,10 +417,10 @@ def build_triples(folder: Path, path: Path, collection: "TextStore | None", max_
     the collection: a DataError naming the line), not only the kept ones.
 
     Cost at full size, once per (max_rows, seed): one pass over 1.8 GB of gzip / 397,768,673 lines. At the
-    vectorised parser's 0.5-0.6 us a line (measured on 8M synthetic lines, 2 idle cores; the older parser, 20M
-    lines in 42 s, would have taken ~14 min) that is about 4 minutes, up to twice that on busy cores. Peak RSS
-    ~850 MB for 16M rows (measured: 842 MiB sampling 16M of 40M synthetic lines; ~32 bytes per kept row plus
-    ~120 MB of parse chunks); the store takes 12 bytes per row (192 MB for 16M)."""
+    vectorised parser's ~0.45 us a line that is 3 minutes (measured on the 397,768,673 lines of the full-size
+    synthetic file, 2 idle cores: 177 s; the older parser, 20M lines in 42 s, would have taken ~14 min), up to twice
+    that on busy cores. Peak RSS 918 MiB for 16M rows (~32 bytes per kept row plus ~120 MB of parse chunks); the
+    store takes 12 bytes per row (192 MB for 16M)."""
     w = ArrayWriter(folder / "triples.bin", np.int32)
     known = known_pid_mask(collection)
     pick = None if max_rows is None else SmallestKeys(max_rows)
