@@ -7,7 +7,8 @@ file (which is sorted by query: its first lines would be ~4% of the training que
 once per data folder, size and seed (one pass over the 398M lines, 3 min at full size) and reopened
 after that. Pairs are ids until a batch is built, so the full run (20M pairs) never holds their texts in memory.
 `--negatives=hard` draws the negatives from msmarco-hard-negatives instead (BM25 and dense systems' top hits,
-kept only where the cross-encoder scores them `ce_margin` below the positives), still BCE on labelled pairs.
+kept only where the cross-encoder scores them `ce_margin` below the positives), still BCE on labelled pairs;
+`--random_negatives=r` makes r of each positive's negatives random passages of the collection (easy ones).
 
 Training batches are built from token ids (tokenized once per tokenizer), grouped by length and padded for real
 tokens (msmarco/batching.py); the loss is the stock BinaryCrossEntropyLoss. While training it reranks held-out
@@ -58,6 +59,7 @@ class Config:
     max_length: int = 512  # tokens of query + passage (longer is truncated)
     negatives: str = "triples"  # triples: BM25 negatives of qidpidtriples; hard: msmarco-hard-negatives, CE-filtered
     neg_per_pos: int = 4  # negatives per positive pair
+    random_negatives: int = 0  # of those, how many are passages drawn at random from the collection (easy negatives)
     ce_margin: float = 3.0  # negatives=hard: keep a negative only if its CE score <= lowest positive's - margin
     negs_per_system: int = 5  # negatives=hard: negatives kept per mining system and query
     max_pairs: int = 20_000_000  # training pairs in all (positives + negatives), from a uniform sample of the triples
@@ -102,6 +104,8 @@ def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
     whole file, which is sorted by query): every triple gives its negative, every `neg_per_pos`-th also its positive.
     hard: the CE-margin filtered hard negatives (MSMarco.filtered_negatives), in rounds: in round r each query
     gives its (r mod #positives)-th positive and its next `neg_per_pos` negatives, cycling, until max_pairs.
+    Either way the last `random_negatives` of each positive's negatives are then replaced by seeded uniform draws
+    from the collection (redrawn where one hits the pair's positive).
     Token ids are looked up only when a batch is built (PairBatches)."""
     k = cfg.neg_per_pos
     if cfg.negatives == "triples":
@@ -118,6 +122,16 @@ def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
         queries = np.repeat(positives.qids[q], k)
     else:
         raise SystemExit(f"--negatives must be triples or hard, not {cfg.negatives!r}")
+    if not 0 <= cfg.random_negatives <= k:
+        raise SystemExit(f"--random_negatives must be in 0..neg_per_pos ({k}), not {cfg.random_negatives}")
+    if cfg.random_negatives:  # the last ones of each positive's k: seeded draws from the collection, not that positive
+        slot = np.flatnonzero(np.arange(len(neg)) % k >= k - cfg.random_negatives)
+        own = (t[:, 1] if cfg.negatives == "triples" else np.repeat(pos, k))[slot]  # the positive of each row's query
+        ids, rng = np.asarray(data.collection().ids), np.random.default_rng(cfg.seed)
+        neg, draw = np.array(neg), ids[rng.integers(0, len(ids), len(slot))]
+        while (clash := draw == own).any():
+            draw[clash] = ids[rng.integers(0, len(ids), int(clash.sum()))]
+        neg[slot] = draw
     i = np.arange(len(queries))
     neg_at = i + i // k + 1  # after the i // k + 1 positives of rows 0..i
     pos_at = neg_at[::k] - 1

@@ -205,7 +205,8 @@ def test_v1_pairs_follow_the_negative_ratio(tmp_path):
 
 
 def test_v1_pairs_put_each_positive_just_before_its_triples_negative(tmp_path):
-    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--neg_per_pos=3", "--max_pairs=400")
+    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--neg_per_pos=3", "--max_pairs=400",
+                           "--random_negatives=0")
     data = MSMarco(cfg.data_dir)
     table = mod.training_pairs(data, cfg).data.table
     got = list(zip(*(table.column(c).to_numpy().tolist() for c in ("qid", "pid", "label"))))
@@ -215,6 +216,33 @@ def test_v1_pairs_put_each_positive_just_before_its_triples_negative(tmp_path):
     assert got == expected
     # sampled from the whole (qid-sorted) file: most of the 180 training queries, not the ~16 of its first 300 lines
     assert len({q for q, _, _ in got}) > 100
+
+
+def test_v1_random_negatives_replace_the_last_of_each_positives_negatives(tmp_path):
+    """--random_negatives=r: of each positive's neg_per_pos negatives the last r are seeded draws from the whole
+    collection (never the pair's positive), the others stay the triples' BM25 negatives, in place."""
+    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--neg_per_pos=4", "--max_pairs=1000",
+                           "--random_negatives=0")
+    data = MSMarco(cfg.data_dir)
+
+    def rows(c):
+        t = mod.training_pairs(data, c).data.table
+        return [np.asarray(t.column(n).to_numpy()).reshape(-1, 5) for n in ("qid", "pid", "label")]
+    q0, p0, l0 = rows(cfg)
+    q1, p1, l1 = rows(config.parse_cli(cfg, ["--random_negatives=2"]))
+    assert (q1 == q0).all() and (l1 == l0).all() and (l1[:, 0] == 1).all()  # same queries, positives first
+    assert (p1[:, :3] == p0[:, :3]).all()  # the positive and the first 2 negatives are the triples'
+    drawn = p1[:, 3:]
+    qrels = data.qrels("train")
+    assert not any(p in qrels[q] for q, p in zip(q1[:, 3:].ravel().tolist(), drawn.ravel().tolist()))  # no positive
+    assert (drawn != p0[:, 3:]).mean() > 0.95 and len(np.unique(drawn)) > 0.9 * drawn.size  # spread over 28k passages
+    bm25 = {(q, p) for q, p in zip(q0[:, 1:].ravel().tolist(), p0[:, 1:].ravel().tolist())}
+    assert sum((q, p) in bm25 for q, p in zip(q1[:, 3:].ravel().tolist(), drawn.ravel().tolist())) < 5
+    again = rows(config.parse_cli(cfg, ["--random_negatives=2"]))[1]
+    assert (again == p1).all()  # seeded
+    data.collection().rows_of(drawn.ravel())  # every draw is a collection passage
+    with pytest.raises(SystemExit, match="--random_negatives must be in 0..neg_per_pos"):
+        mod.training_pairs(data, config.parse_cli(cfg, ["--random_negatives=5"]))
 
 
 def test_plot_and_logs_compare_with_the_baselines(tiny_runs):
@@ -271,7 +299,8 @@ def test_user_errors_end_with_their_message_and_exit_code_1(tmp_path, monkeypatc
 
 def test_v1_pairs_from_filtered_hard_negatives(tmp_path):
     """--negatives=hard: BCE pairs from the CE-filtered hard negatives, in rounds over every training query."""
-    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--negatives=hard", "--neg_per_pos=2", "--max_pairs=900")
+    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--negatives=hard", "--neg_per_pos=2", "--max_pairs=900",
+                           "--random_negatives=0")
     data = MSMarco(cfg.data_dir)
     positives, negatives = data.filtered_negatives(cfg.ce_margin, cfg.negs_per_system)
     t = mod.training_pairs(data, cfg).data.table
