@@ -1,11 +1,13 @@
 """Peak memory and time of preparing the MS MARCO training data, on synthetic sources of real format.
 
     python benchmarks/bench_prepare.py [--factor 0.01 0.1] [--dir FOLDER] [--keep]
+    python benchmarks/bench_prepare.py --factor 1 --dir FOLDER --stages collection,tokens,triples  # a subset
 
 For each factor: generate the sources (benchmarks/generate_synthetic.py) into a temporary folder (or
 --dir/factor-F), then run every preparation stage of msmarco.data.MSMarco in a FRESH subprocess, so that the
-peak RSS (the child's own ru_maxrss) belongs to that stage alone: collection, ce_scores, teacher,
-hard_negatives, triples(16M, seed 12) (v1's sample: one pass over the whole file); then a "second start" that
+peak RSS (the child's own ru_maxrss) belongs to that stage alone: collection, tokens (the collection's token ids for
+the offline base model's tokenizer), ce_scores, teacher, hard_negatives, triples(16M, seed 12) (v1's sample: one
+pass over the whole file); `--stages` measures a subset and generates only its sources. Then a "second start" that
 opens every prepared store and does 1,000 random lookups in each. A child that only imports msmarco.data and numpy gives the baseline RSS. At the
 smallest factor, a child that does what the classic scripts did, pickle.load(gzip.open(score pickle)), is
 measured for comparison. The last table extrapolates linearly to factor 1.0 (an extrapolation, not a
