@@ -263,7 +263,8 @@ def bench_factor(factor: float, root: Path, with_pickle: bool, scripts: bool = T
     marks = folder / "sizes.json"  # these sizes, and which sources were generated whole at them
     done = json.loads(marks.read_text()) if marks.exists() else {}
     have = set(done.get("generated", [])) if done.get("sizes") == z else set()
-    missing = [f for f in needed if f not in have or not (folder / gen.FILES[f]).exists()]
+    missing = [f for f in needed if f not in have or not all(
+        (folder / n).exists() for n in [gen.FILES[f], *([gen.EXTRA_FILES[f]] if f in gen.EXTRA_FILES else [])])]
     t = time.time()
     if missing:
         gen.generate(folder, factor, only=missing)
