@@ -19,8 +19,10 @@ GPU); and the ratio b / a of samples/s. Then the data pipeline alone, no model: 
 (torch and tokenizers on one thread), the stock pipeline including its tokenization.
 The first `--warmup` steps of each configuration are not timed. Also reported: model TFLOP/s of the real tokens
 (6 x non-embedding parameters per token plus attention) and, with --peak_tflops, the MFU; losses that were not
-finite. --amp, --attn, --no_cudnn_sdp, --pad_multiple and --chunk_cost set the precision, attention kernels, cuDNN's
-SDPA backend and the project batches' shape, for A/B runs (benchmarks/gpu_check.py runs those on a GPU).
+finite. --amp, --tf32, --attn, --cudnn_sdp, --pad_multiple and --chunk_cost set the precision, attention kernels,
+cuDNN's SDPA backend and the project batches' shape, for A/B runs (benchmarks/gpu_check.py runs those on a GPU). By
+default each configuration runs with its own backends: stock with torch's defaults, the project's with what the
+scripts set (no cuDNN attention under autocast on a GPU, msmarco.models.no_cudnn_attention).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import torch  # noqa: E402
 from msmarco.batching import PairBatches, TextBatches, batch_shape, on_token_batches  # noqa: E402
 from msmarco.config import parse_cli  # noqa: E402
 from msmarco.data import MSMarco, TeacherSamples  # noqa: E402
-from msmarco.models import cross_encoder, resolve_model, set_dropout  # noqa: E402
+from msmarco.models import cross_encoder, no_cudnn_attention, resolve_model, set_dropout  # noqa: E402
 from msmarco.sampling import length_grouped_batches  # noqa: E402
 
 SCRIPTS = {"v1": "train_cross-encoder-v1", "v2": "train_cross-encoder-v2", "bi": "train_bi-encoder-v2"}
@@ -204,6 +206,10 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
 def run_config(recipe, mod, cfg, config, a) -> dict:
     from transformers import TrainerCallback
     dropout = cfg.dropout if config == "project" and a.dropout == "script" else -1.0
+    if a.device == "cuda":  # torch's default, then what this configuration changes
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        if a.cudnn_sdp == "off" or (a.cudnn_sdp == "by_config" and config == "project" and a.amp != "none"):
+            no_cudnn_attention()
     trainer, model = make_trainer(recipe, mod, cfg, config, a.device, a.warmup + a.steps, a.seed, a.amp,
                                   a.pad_multiple, a.chunk_cost, dropout)
     meter = Meter(model, trainer, a.device)
@@ -233,6 +239,8 @@ def run_config(recipe, mod, cfg, config, a) -> dict:
            "padded_per_real": meter.padded / max(1, meter.real), "host_ms_per_step": 1000 * (wall - meter.fwd - meter.bwd) / n,
            "forward_ms_per_step": 1000 * meter.fwd / n, "backward_ms_per_step": 1000 * meter.bwd / n,
            "peak_mib": peak_mib(a.device)}
+    if a.device == "cuda":
+        out["cudnn_sdp"] = torch.backends.cuda.cudnn_sdp_enabled()
     out["pipeline_samples_per_s"] = pipeline_rate(trainer, model, recipe, config, a.pipeline_batches)
     del trainer, model
     return out
@@ -288,7 +296,10 @@ def main(argv=None) -> dict:
     p.add_argument("--batch_size", type=int, default=0, help="override the preset's batch size")
     p.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, eager, flash_attention_2")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="the trainer's mixed precision")
-    p.add_argument("--no_cudnn_sdp", action="store_true", help="torch.backends.cuda.enable_cudnn_sdp(False)")
+    p.add_argument("--cudnn_sdp", choices=["by_config", "on", "off"], default="by_config",
+                   help="cuDNN's SDPA backend: by_config (stock: torch's default, on; project: the scripts' choice, "
+                        "off under autocast), or on / off for both")
+    p.add_argument("--tf32", action="store_true", help="fp32 matrix products on TF32 tensor cores (GPU)")
     p.add_argument("--pad_multiple", type=int, default=-1, help="project batches' padding multiple (-1: by device)")
     p.add_argument("--chunk_cost", type=int, default=-1, help="project batches' chunk cost (-1: by device)")
     p.add_argument("--configs", default="stock,project", help="which configurations to run")
@@ -300,8 +311,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="write the results as JSON here")
     a = p.parse_args(argv)
-    if a.no_cudnn_sdp:
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    if a.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     results = {"settings": {k: v for k, v in vars(a).items() if k != "out"}, "device": a.device, "model": a.model, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "runs": []}
     if a.device == "cuda":

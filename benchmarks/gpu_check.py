@@ -8,8 +8,10 @@ On a CPU, the dry run the tests do (tiny budgets, the same code):
 
 Parts, each timed and guarded (a failure is recorded with its error and the other parts still run):
   1. speed    benchmarks/bench_train_speed.py for the three recipes at their full-default lengths and batch sizes:
-              stock vs the project's configuration (bf16, SDPA); then the project's alone with fp32, eager attention,
-              cuDNN's SDPA backend off, flash attention 2 (when importable) and unrounded padding (pad_multiple 1).
+              stock vs the project's configuration, each as it ships (stock: bf16 with torch's default attention
+              kernels; project: bf16, SDPA without cuDNN), and both in fp32 and both without cuDNN attention; then
+              the project's alone with cuDNN attention, eager attention, TF32, flash attention 2 (when importable),
+              unrounded padding (pad_multiple 1), and the bi-encoder's batches cut into chunks (chunk_cost 1024).
               Samples/s, real tokens/s, model TFLOP/s and MFU, peak GPU memory, non-finite losses.
   2. scripts  each training script's --sample run with a small step budget on the device: train, evaluate, save,
               reload the saved model with stock sentence-transformers and score it again; for v1 also a cut run
@@ -34,7 +36,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PEAK_TFLOPS = {"bf16": 989.0, "none": 67.0}  # H100/H200 SXM datasheet, dense: bf16 tensor cores, plain fp32
+PEAK_TFLOPS = {"bf16": 989.0, "tf32": 494.0, "none": 67.0}  # H100/H200 SXM datasheet, dense: tensor cores, plain fp32
 SCRIPTS = ["train_cross-encoder-v1", "train_cross-encoder-v2", "train_bi-encoder-v2"]
 
 
@@ -54,20 +56,26 @@ def part_speed(a, work: Path) -> dict:
         else [f"--steps={a.steps}", "--warmup=5", "--pipeline_batches=200"]
     common = ["--preset=full", f"--device={a.device}", "--recipes=" + ("v1" if a.dry_run else "v1,v2,bi"), *steps]
     amp = "bf16" if a.device == "cuda" else "none"
+    # each configuration as it ships first (stock: torch's default kernels; project: the scripts' choices), then
+    # one setting changed at a time
     variants = {"stock_vs_project": [f"--amp={amp}"],
-                "fp32": ["--amp=none", "--configs=project"],
+                "stock_vs_project_fp32": ["--amp=none"],
+                "cudnn_sdp_off_both": [f"--amp={amp}", "--cudnn_sdp=off"],
+                "project_cudnn_sdp_on": [f"--amp={amp}", "--cudnn_sdp=on", "--configs=project"],
                 "eager": [f"--amp={amp}", "--attn=eager", "--configs=project"],
-                "no_cudnn_sdp": [f"--amp={amp}", "--no_cudnn_sdp", "--configs=project"],
-                "pad_multiple_1": [f"--amp={amp}", "--pad_multiple=1", "--configs=project"]}
+                "tf32": ["--amp=none", "--tf32", "--configs=project"],
+                "pad_multiple_1": [f"--amp={amp}", "--pad_multiple=1", "--configs=project"],
+                "bi_chunk_cost_1024": [f"--amp={amp}", "--chunk_cost=1024", "--configs=project", "--recipes=bi"]}
     if importlib.util.find_spec("flash_attn"):
         variants["flash_attention_2"] = [f"--amp={amp}", "--attn=flash_attention_2", "--configs=project"]
     else:
         runs["flash_attention_2"] = {"skipped": "flash_attn is not installed"}
     if a.dry_run:
-        variants = {k: v for k, v in variants.items() if k in ("stock_vs_project", "fp32")}
+        variants = {k: v for k, v in variants.items() if k in ("stock_vs_project", "eager")}
     for name, extra in variants.items():
         out = work / f"speed_{name}.json"
-        peak = PEAK_TFLOPS["bf16" if "--amp=bf16" in extra else "none"] if a.device == "cuda" else 0
+        peak = PEAK_TFLOPS["bf16" if "--amp=bf16" in extra else "tf32" if "--tf32" in extra else "none"] \
+            if a.device == "cuda" else 0
         t = time.time()
         try:
             sh([sys.executable, "benchmarks/bench_train_speed.py", *common, *extra, f"--peak_tflops={peak}",
@@ -210,7 +218,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dry_run", action="store_true", help="tiny budgets: the CPU run the tests do")
     p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "output" / "gpu_check")))
-    p.add_argument("--steps", type=int, default=30, help="timed steps per speed configuration")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per speed configuration")
     p.add_argument("--parts", default="speed,scripts,evaluate,torchrun")
     p.add_argument("--part_timeout", type=int, default=600, help="seconds for one command of a part")
     a = p.parse_args(argv)

@@ -25,7 +25,7 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
         assert r["host_ms_per_step"] >= 0 and r["peak_mib"] > 0 and r["pipeline_samples_per_s"] > 0
         assert r["nonfinite_losses"] == 0 and r["model_tflops_per_s"] > 0
     assert run["ratio"] > 0 and run["project"]["padded_per_real"] <= run["stock"]["padded_per_real"]
-    assert "stock" not in parts["speed"]["fp32"]["runs"][0]  # a project-only variant
+    assert "stock" not in parts["speed"]["eager"]["runs"][0]  # a project-only variant
     # scripts: trained, saved, reloaded to the same metrics; a cut run resumed to the same weights (the comparison
     # with a CPU run is for a GPU only)
     v1 = parts["scripts"]["train_cross-encoder-v1"]

@@ -99,12 +99,17 @@ def simulate(monkeypatch, gpu: tuple | None, amx: bool = False) -> None:
 ])
 def test_mixed_precision_where_it_pays(monkeypatch, machine, gpu, amx, args, dtype):
     simulate(monkeypatch, gpu, amx)
+    cudnn = []  # what the code asked of torch's cuDNN attention switch (recorded, not applied)
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", cudnn.append)
     if gpu is not None:
         assert torch.cuda.is_bf16_supported()  # what the trainers chose by: emulation counts
     assert models.precision_args(True) == args
     assert models.precision_args(False) == {"bf16": False, "fp16": False, "use_cpu": gpu is None}
+    # a GPU in half precision trains without cuDNN's attention (measured slower); nothing else touches the switch
+    assert cudnn == ([False] if gpu else [])
     device = "cuda" if gpu else "cpu"
     ctx = models.autocast(torch.device(device))
+    assert cudnn == ([False, False] if gpu else [])
     if dtype is None:
         assert isinstance(ctx, contextlib.nullcontext)
     else:
