@@ -218,7 +218,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dry_run", action="store_true", help="tiny budgets: the CPU run the tests do")
     p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "output" / "gpu_check")))
-    p.add_argument("--steps", type=int, default=50, help="timed steps per speed configuration")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per speed configuration")
     p.add_argument("--parts", default="speed,scripts,evaluate,torchrun")
     p.add_argument("--part_timeout", type=int, default=600, help="seconds for one command of a part")
     a = p.parse_args(argv)

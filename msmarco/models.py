@@ -50,8 +50,9 @@ def no_cudnn_attention() -> None:
     """Take torch's cuDNN backend out of scaled-dot-product attention (SDPA then runs its flash or memory-efficient
     kernels). cuDNN is SDPA's first choice on Hopper GPUs for bf16/fp16 with a mask, and it builds a graph for every
     new padded shape: measured on an H200 (README, "Measured on a GPU"), bf16 training of the three recipes ran
-    1.8-2.2x faster without it (same call), the stock trainer 2.0-4.5x (two calls). torch 2.11's cuDNN attention also had NaN gradients with
-    masks at some padded lengths. A no-op where this torch has no such switch."""
+    1.8-2.2x faster without it (same call), the stock trainer 2.0-4.5x (two calls). torch 2.11's cuDNN attention was
+    also reported to give NaN gradients with masks at some padded lengths (none seen in those runs). A no-op where
+    this torch has no such switch."""
     import torch
     if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
         torch.backends.cuda.enable_cudnn_sdp(False)
