@@ -190,12 +190,27 @@ def test_two_processes_split_each_epoch_between_them(tmp_path):
     assert shard(0, 0) != shard(0, 1)
 
 
-def test_max_steps_beyond_the_configured_epochs_train_on(tmp_path):
+def test_max_steps_beyond_the_configured_epochs_train_on(tmp_path, monkeypatch):
     """--max_steps past the configured epochs: the Trainer goes on into further epochs, and the rotation covers them
-    (it used to end at `epochs`, and the sampler failed with an IndexError in the first epoch past them)."""
+    (it used to end at `epochs`, and the sampler failed with an IndexError in the first epoch past them). Also:
+    training batches are cut at max_seq_length, while the model scores, and is saved, with eval_max_seq_length (a
+    model saved with a short training length truncated users' passages: worse than its base as shipped)."""
     mod, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--epochs=1", "--batch_size=32", "--max_steps=8",
-                           "--eval_steps=8", "--max_seq_length=8")
+                           "--eval_steps=8", "--max_seq_length=8", "--eval_max_seq_length=12")
+    widths = []
+
+    class Batches(mod.TextBatches):
+        def __call__(self, rows):
+            out = super().__call__(rows)
+            for key, value in out.items():  # a tensor, or one per chunk
+                if key.endswith("input_ids"):
+                    widths.extend(int(t.shape[-1]) for t in (value if isinstance(value, list) else [value]))
+            return out
+    monkeypatch.setattr(mod, "TextBatches", Batches)
     res = mod.main(cfg)  # 179 training queries: 5 steps an epoch
+    assert widths and max(widths) <= 8
+    from sentence_transformers import SentenceTransformer
+    assert SentenceTransformer(str(tmp_path / "model")).max_seq_length == 12
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history if "loss" in r] == list(range(1, 9)) and history[-2]["epoch"] > 1
     assert 0 <= res["dev-test"]["trained"]["MRR@10"] <= 1
