@@ -172,7 +172,7 @@ def part_torchrun(a, work: Path) -> dict:
     t = time.time()
     out = work / "torchrun"
     args = ["--max_steps=4", "--eval_steps=2", "--eval_queries=6", "--eval_candidates=6", "--batch_size=8",
-            "--report_splits=", "--max_seq_length=32", f"--output_dir={out}"]
+            "--report_splits=", "--max_seq_length=32", "--eval_max_seq_length=32", f"--output_dir={out}"]
     env = {"CUDA_VISIBLE_DEVICES": ""} if a.device == "cpu" else {}
     try:
         sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",

@@ -54,10 +54,11 @@ def _torchrun(script: str, args: list[str]) -> subprocess.CompletedProcess:
 
 
 # 179 training queries, 7 batches of 24 an epoch, dealt to two processes: 3 steps an epoch (the odd batch is
-# dropped); checkpoints at 4 (inside epoch 1) and 5, the last step. 4 tokens a text: retrieval encodes the whole
-# collection (~30 s a pass here), before training, at both checkpoints and after.
+# dropped); checkpoints at 4 (inside epoch 1) and 5, the last step. 4 tokens a text, in training and scoring:
+# retrieval encodes the whole collection (~30 s a pass here), before training, at both checkpoints and after.
 TORCHRUN = ["--sample", "--max_steps=5", "--eval_steps=4", "--eval_queries=6", "--eval_candidates=6",
-            "--batch_size=24", "--logging_steps=1", "--max_seq_length=4", "--retrieval_k=20", "--report_splits=",
+            "--batch_size=24", "--logging_steps=1", "--max_seq_length=4", "--eval_max_seq_length=4", "--retrieval_k=20",
+            "--report_splits=",
             "--retrieval_eval=true", "--retrieval_every_eval=true", "--save_total_limit=5"]
 
 

@@ -27,7 +27,8 @@ def load(name: str):
 TINY = ["--sample", "--max_steps=4", "--eval_steps=2", "--eval_queries=6", "--eval_candidates=6",
         "--batch_size=4", "--logging_steps=1", "--report_splits="]
 TINY_LEN = {"train_cross-encoder-v1": ["--max_length=48"], "train_cross-encoder-v2": ["--max_length=48"],
-            "train_bi-encoder-v2": ["--max_seq_length=16", "--retrieval_k=20", "--retrieval_eval=false"]}
+            "train_bi-encoder-v2": ["--max_seq_length=16", "--eval_max_seq_length=16", "--retrieval_k=20",
+                                    "--retrieval_eval=false"]}
 # retrieval from the whole sample collection (28k passages) is run by the torchrun test (before, during and
 # after training) and by the bi-encoder's --sample run (before and after), not by these tiny runs
 
