@@ -236,7 +236,8 @@ def run_config(recipe, mod, cfg, config, a) -> dict:
     out = {"steps": n, "samples_per_s": samples / wall, "real_tokens_per_s": meter.real / wall,
            "model_tflops_per_s": flops / 1e12, "mfu": flops / (a.peak_tflops * 1e12) if a.peak_tflops else None,
            "nonfinite_losses": meter.nonfinite,
-           "padded_per_real": meter.padded / max(1, meter.real), "host_ms_per_step": 1000 * (wall - meter.fwd - meter.bwd) / n,
+           "padded_per_real": meter.padded / max(1, meter.real),
+           "host_ms_per_step": 1000 * (wall - meter.fwd - meter.bwd) / n,
            "forward_ms_per_step": 1000 * meter.fwd / n, "backward_ms_per_step": 1000 * meter.bwd / n,
            "peak_mib": peak_mib(a.device)}
     if a.device == "cuda":
@@ -313,8 +314,8 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    results = {"settings": {k: v for k, v in vars(a).items() if k != "out"}, "device": a.device, "model": a.model, "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "runs": []}
+    results = {"settings": {k: v for k, v in vars(a).items() if k != "out"}, "device": a.device, "model": a.model,
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": []}
     if a.device == "cuda":
         results["gpu"] = torch.cuda.get_device_name()
     presets = ["sample", "full"] if a.preset == "both" else [a.preset]

@@ -2,7 +2,8 @@
 
     paths.py         where things live: the repository, data/, data/sample/, output/; relative paths; file locks
     errors.py        errors a user can fix (bad data, failed downloads, bad options) and how a script exits on them
-    sources.py       the table of every file the recipes use (today's URLs, sizes, md5) and the verified, resumable download
+    sources.py       the table of every file the recipes use (today's URLs, sizes, md5); the verified, resumable
+                     download
     formats.py       streaming parsers of the raw formats (tsv, tar.gz members, qrels, numeric rows), mojibake repair
     score_pickle.py  the restricted, streaming reader of the cross-encoder score pickle
     stores.py        memory-mapped stores built once per data folder: texts, grouped ids, scores, numeric rows

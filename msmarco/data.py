@@ -137,7 +137,8 @@ class MSMarco:
         """Structured array (pos_score, neg_score, qid, pid_pos, pid_neg), one record per line, in file order."""
         def make():
             src = self.path("bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv")
-            folder = prepared(self.dir, "teacher", [src, self.path("collection.tar.gz")], lambda d: build_teacher(d, src, self.collection()))
+            folder = prepared(self.dir, "teacher", [src, self.path("collection.tar.gz")],
+                              lambda d: build_teacher(d, src, self.collection()))
             return load_array(folder, "teacher.bin", np.uint8).view(TEACHER_DTYPE)
         return self._once("teacher", make)
 
@@ -234,7 +235,8 @@ def id_dataset(columns: dict[str, np.ndarray], name: str):
     from datasets import Dataset
     cols = {k: np.ascontiguousarray(v) for k, v in columns.items()}
     probe = {k: v[::max(1, len(v) // 4096)].tolist() for k, v in cols.items()}  # cheap content check
-    return Dataset(pa.table(cols), fingerprint=f"{name}-{params_key({'rows': len(next(iter(cols.values()))), **probe})}")
+    rows = len(next(iter(cols.values())))
+    return Dataset(pa.table(cols), fingerprint=f"{name}-{params_key({'rows': rows, **probe})}")
 
 
 def params_key(params: dict) -> str:

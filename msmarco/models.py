@@ -123,8 +123,8 @@ def cross_encoder(model_name: str, max_length: int, pooling: str, activation=Non
 def set_dropout(model, p: float) -> None:
     """Set the probability of every dropout layer of `model` to `p` (-1: leave the base model's own), whatever the
     architecture names its config fields (BERT: hidden_dropout_prob, DistilBERT: dropout, ...): transformers'
-    attention kernels read their dropout from these layers too. The saved config keeps the base model's values, so a model trained further
-    from the saved one gets the usual dropout again."""
+    attention kernels read their dropout from these layers too. The saved config keeps the base model's values, so a
+    model trained further from the saved one gets the usual dropout again."""
     import torch
     if p == -1:
         return

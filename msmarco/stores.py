@@ -139,7 +139,7 @@ class TextStore:
         ids = np.asarray(ids, dtype=np.int64)
         i = np.searchsorted(self.sorted_ids, ids)
         i = np.minimum(i, max(len(self.sorted_ids) - 1, 0))
-        bad = (len(self.sorted_ids) == 0) | (self.sorted_ids[i] != ids) if len(self.sorted_ids) else np.ones_like(ids, bool)
+        bad = (self.sorted_ids[i] != ids) if len(self.sorted_ids) else np.ones_like(ids, bool)
         if np.any(bad):
             missing = ids[bad][:5].tolist()
             raise DataError(f"unknown {self.what} id(s) {missing} (not in {self.folder.parent.parent}); "
