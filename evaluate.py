@@ -52,6 +52,9 @@ SAMPLE = dict(data_dir="data/sample", batch_size=64)
 
 # Which metrics each split reports, and the grade that counts as relevant for MRR and recall.
 SPLIT_METRICS = {"dev": (1, ("MRR@10", "R@100", "R@1000")), "dl": (2, ("nDCG@10", "MRR@10", "R@100", "R@1000"))}
+# A BM25 ranking of a split's candidates, where a data folder has one (the sample bundles the real runs):
+# <data_dir>/runs/bm25/<split>.run. The official candidate files list each query's candidates in no particular order.
+BM25_RUNS = Path("runs") / "bm25"
 # Published BM25 (Anserini regressions, k1=0.9 b=0.4; TREC DL recall at grade >= 2), printed beside full-scale runs.
 PUBLISHED_BM25 = {"dev": {"MRR@10": 0.184, "R@1000": 0.853}, "dl2019": {"nDCG@10": 0.506, "R@1000": 0.750},
                   "dl2020": {"nDCG@10": 0.480, "R@1000": 0.786}}
@@ -178,15 +181,26 @@ def _select(m: dict[str, float], names: Iterable[str]) -> dict[str, float]:
     return {k: m[k] for k in [n for n in names if not n.startswith("R@")] + [n for n in m if n.startswith("R@")]}
 
 
-def _candidate_lists(split: BenchmarkSplit, run_file: str, depth: int) -> tuple[dict[int, np.ndarray], str]:
-    """qid -> candidate pids (top `depth`) from the official candidates or a TREC run file / folder of runs."""
+def _candidate_lists(split: BenchmarkSplit, data_dir: Path, run_file: str, depth: int,
+                     cut: bool = True) -> tuple[dict[int, np.ndarray], str, str]:
+    """qid -> candidate pids, where they come from, and what their own order is ("candidates", "BM25" or
+    "file order"). From `run_file` (a TREC run, or a folder of <split>.run) or else the data folder's BM25 run
+    (runs/bm25/<split>.run): its top `depth` in its order. Else the official candidate file, all of each query's
+    candidates: the file is not in rank order, so its first `depth` would be an arbitrary subset; with `cut`, a
+    depth below a query's candidates is an error that says how to give a ranking."""
+    order = "candidates"
+    if not run_file and (data_dir / BM25_RUNS / f"{split.name}.run").is_file():
+        run_file, order = str(data_dir / BM25_RUNS), "BM25"
     if not run_file:
-        out = {}
-        for q in split.qids:
-            c = split.candidates(q)
-            if c is not None:
-                out[q] = np.asarray(c[:depth], dtype=np.int64)
-        return out, "BM25 top-1000"
+        out = {q: np.asarray(c, dtype=np.int64) for q in split.qids if (c := split.candidates(q)) is not None}
+        most = max((len(c) for c in out.values()), default=0)
+        if cut and most > depth:
+            raise SystemExit(
+                f"error: --depth={depth}, but the {split.name} candidate file lists up to {most} candidates a query "
+                f"in no particular order, so its first {depth} would be an arbitrary subset. Rerank all of them "
+                f"(--depth={most} or more), or give a ranking to cut: --run_file=<TREC run or folder of <split>.run>, "
+                f"or a BM25 run at {data_dir / BM25_RUNS / (split.name + '.run')}")
+        return out, "official BM25 top-1000 (all, file order)", "file order"
     path = paths.resolve_dir(run_file)
     if path.is_dir():
         path = path / f"{split.name}.run"
@@ -196,7 +210,7 @@ def _candidate_lists(split: BenchmarkSplit, run_file: str, depth: int) -> tuple[
     out = {q: np.asarray(rank(run[str(q)], depth), dtype=np.int64) for q in split.qids if str(q) in run}
     if not out:
         raise SystemExit(f"error: {path} ranks none of the {len(split.qids)} judged queries of split {split.name}")
-    return out, str(path)
+    return out, (f"BM25 run {path}" if order == "BM25" else str(path)), order
 
 
 def _bi_encoder_splits(model, folder: Path, data, splits: list[BenchmarkSplit], cfg: Config, out: Path, tag: str):
@@ -304,7 +318,7 @@ def main(cfg: Config) -> dict:
         else:
             results, coll = {}, data.collection()
             for s in splits:
-                cands, source = _candidate_lists(s, cfg.run_file, cfg.depth)
+                cands, source, _ = _candidate_lists(s, data.dir, cfg.run_file, cfg.depth)
                 missing = len(s.qids) - len(cands)
                 if missing:
                     print(f"note: {missing} of the {len(s.qids)} {s.name} queries have no candidates; they score 0")
@@ -312,21 +326,31 @@ def main(cfg: Config) -> dict:
                 results[s.name] = {"mode": f"rerank {source}", "queries": len(s.qids), "run": f"{s.name}.run",
                                    "model": _evaluate_stream(s, ranked, out / f"{s.name}.run", tag, cfg.depth)}
 
-    # 3. The candidates' own order beside the model (BM25 rank order on the sample and in the TREC DL files).
+    # 3. Beside the model: the candidates' own order (a --run_file's, or BM25's where the data folder has its run).
+    #    An official candidate file in file order is no ranking: only its recall over all candidates is kept.
+    unranked = []
     for s in splits:
-        cands, _ = _candidate_lists(s, cfg.run_file if kind == "cross-encoder" else "", cfg.depth)
+        cands, _, order = _candidate_lists(s, data.dir, cfg.run_file if kind == "cross-encoder" else "", cfg.depth,
+                                           cut=False)
         m = StreamingMetrics(s.qrels, s.min_grade, _recall_ks(cfg.depth))
         for q, pids in cands.items():
             m.add(str(q), {str(p): -float(i) for i, p in enumerate(pids)})
-        results[s.name]["candidates"] = _select(m.result(), s.metrics)
+        ref = _select(m.result(), s.metrics)
+        if order == "file order":
+            most = max((len(c) for c in cands.values()), default=0)
+            ref = {k: v for k, v in ref.items() if k.startswith("R@") and int(k[2:]) >= most}
+            unranked.append(s.name)
+        results[s.name]["candidates"], results[s.name]["candidates_order"] = ref, order
 
     report = {"model": str(folder), "model_type": kind, "data_dir": str(data.dir), "depth": cfg.depth,
-              "candidates": cfg.run_file or "official BM25 top-1000", "splits": results}
+              "candidates": cfg.run_file or "BM25 (data_dir/runs/bm25 where present, else the official top-1000)",
+              "splits": results}
     write_json_atomic(out / "metrics.json", report)
-    cand_header = "candidates" if cfg.run_file else ("BM25" if is_sample else "BM25 file order")
+    cand_header = "candidates" if cfg.run_file and kind == "cross-encoder" else "BM25"
     print_results(results, cand_header, published=not is_sample and not cfg.run_file)
-    if not is_sample and not cfg.run_file and "dev" in results:
-        print("(top1000.dev is not in BM25 rank order: its MRR@10 understates BM25; recall is unaffected)")
+    if unranked:
+        print(f"(BM25 column of {', '.join(unranked)}: the official candidate files are not in rank order, so only "
+              f"the recall of all candidates is shown; a BM25 run at <data_dir>/{BM25_RUNS}/<split>.run ranks them)")
     print(f"runs and metrics.json in {out}")
     return report
 

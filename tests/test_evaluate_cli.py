@@ -195,8 +195,39 @@ def test_retrieval_scores_are_fp32_under_mixed_precision(models, monkeypatch):
 def test_cross_encoder_rerank_matches_ir_measures(models, tmp_path):
     report = evaluate.main(_cfg(models["ce"], tmp_path, depth=20))
     assert report["model_type"] == "cross-encoder"
-    assert report["splits"]["dl2020"]["mode"] == "rerank BM25 top-1000"
     _check_against_ir_measures(tmp_path, report, depth=20)
+    # The sample's candidate files are in no rank order (as the official ones): what is reranked is BM25's top 20
+    # from the bundled run, and the BM25 column is that run's own metrics, not the file order's.
+    for split in ("dev", "dl2020"):
+        res = report["splits"][split]
+        assert res["mode"].startswith("rerank BM25 run") and res["candidates_order"] == "BM25"
+        bm25 = {q: docs for q, docs in metrics.read_trec_run(SAMPLE / "runs" / "bm25" / f"{split}.run").items()}
+        mine = {}
+        for line in (tmp_path / f"{split}.run").read_text().splitlines():
+            mine.setdefault(line.split()[0], set()).add(line.split()[2])
+        assert mine == {q: set(metrics.rank(bm25[q], 20)) for q in mine}
+        top = {q: {p: -float(i) for i, p in enumerate(metrics.rank(bm25[q], 20))} for q in mine}
+        qrels = [q for q in ir_measures.read_trec_qrels(str(QRELS[split])) if q.query_id in mine]
+        measure = ir_measures.parse_measure("RR@10" if split == "dev" else "nDCG@10")
+        first = "MRR@10" if split == "dev" else "nDCG@10"
+        expect = ir_measures.calc_aggregate([measure], qrels, top)[measure]
+        assert res["candidates"][first] == pytest.approx(expect, abs=1e-9)
+
+
+def test_unranked_candidate_files_are_not_cut(tmp_path):
+    """Without a ranking, the official candidate file is reranked whole: a --depth below it is a clear error (its
+    first N would be an arbitrary subset), not a silent random sample; the BM25 column then takes every candidate."""
+    split = evaluate.BenchmarkSplit("dl2020", [1, 2], ["q1", "q2"], {}, 2, (), lambda q: np.arange(100) + q)
+    with pytest.raises(SystemExit, match="arbitrary subset.*--depth=100.*runs/bm25/dl2020.run"):
+        evaluate._candidate_lists(split, tmp_path, "", 20)
+    cands, source, order = evaluate._candidate_lists(split, tmp_path, "", 20, cut=False)
+    assert order == "file order" and [len(c) for c in cands.values()] == [100, 100]
+    cands, _, order = evaluate._candidate_lists(split, tmp_path, "", 1000)
+    assert order == "file order" and cands[2].tolist() == list(range(2, 102))
+    (tmp_path / "runs" / "bm25").mkdir(parents=True)
+    (tmp_path / "runs" / "bm25" / "dl2020.run").write_text("1 Q0 7 1 3.0 bm25\n1 Q0 5 2 2.0 bm25\n1 Q0 9 3 1.0 bm25\n")
+    cands, source, order = evaluate._candidate_lists(split, tmp_path, "", 2)
+    assert order == "BM25" and source.startswith("BM25 run") and {q: c.tolist() for q, c in cands.items()} == {1: [7, 5]}
 
 
 def test_cross_encoder_reranks_a_run_folder(models, bi_eval, tmp_path):
