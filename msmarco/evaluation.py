@@ -49,6 +49,7 @@ class RerankSet:
     qrels: Qrels  # string ids, for the metrics
     min_grade: int  # 1 for MS MARCO dev, 2 for TREC DL MRR/recall
     first_stage: str = ""  # where the candidates and their order come from
+    ranked: bool = True  # whether that order is a ranking (a first-stage run), not a candidate file's arbitrary order
 
 
 TUNE_SHARE = 0.4  # share of the dev queries in "dev-tune"
@@ -106,7 +107,7 @@ def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None
     collection = data.collection()
     cand_list = [np.asarray(cands[q]) for q in qids]
     return RerankSet(split, qids, queries.get_many(qids), cand_list, [collection.get_many(c) for c in cand_list],
-                     str_qrels({q: qrels_int[q] for q in qids}), min_grade, source)
+                     str_qrels({q: qrels_int[q] for q in qids}), min_grade, source, ranked=bool(first_stage))
 
 
 def evaluation_sets(data: "MSMarco", cfg) -> tuple[RerankSet, list[RerankSet]]:
@@ -251,10 +252,11 @@ def merge_top_k(runs: Iterable[Run], k: int) -> Run:
 
 def rerank_table(sets: list[RerankSet], scorer: Callable, models: dict, first_stage: bool = True) -> dict:
     """{set name: {"first_stage": metrics of the candidates' own order, <name>: metrics of models[name]}}: reranking
-    each set's candidates with each model (scorer: cross_encoder_run or bi_encoder_run)."""
+    each set's candidates with each model (scorer: cross_encoder_run or bi_encoder_run). No first-stage row where the
+    candidates come in a file's arbitrary order (no --first_stage run): its metrics would be those of a random order."""
     table = {}
     for rs in sets:
-        row = {"first_stage": rerank_metrics(candidate_order_run(rs), rs)} if first_stage else {}
+        row = {"first_stage": rerank_metrics(candidate_order_run(rs), rs)} if first_stage and rs.ranked else {}
         for name, model in models.items():
             row[name] = RerankEvaluator(rs, scorer).metrics(model)
         table[rs.name] = row

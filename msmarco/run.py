@@ -143,7 +143,7 @@ def baseline_metrics(out: Path, compute: Callable[[], dict], curve_set: str) -> 
         tmp.write_text(json.dumps(res, indent=1))
         curve = res[curve_set]
         record = {"step": 0, **{f"eval_{curve_set}_{m}": v for m, v in curve["untrained"].items()},
-                  **{f"first_stage_{m}": v for m, v in curve["first_stage"].items()}}
+                  **{f"first_stage_{m}": v for m, v in curve.get("first_stage", {}).items()}}
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         os.replace(tmp, path)

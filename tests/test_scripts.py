@@ -92,6 +92,18 @@ def test_trains_evaluates_saves_and_reloads(name, tiny_runs):
     assert rerun_metrics(name, out / "model", cfg) == pytest.approx(res["dev-test"]["trained"], abs=1e-9)
 
 
+def test_no_first_stage_row_for_a_candidate_files_order():
+    """Without --first_stage the candidates are a candidate file's, whose order is no ranking (as in the official
+    files): the tables and the plot get no first-stage row, so no random order is reported as BM25. With a BM25 run
+    the row is there."""
+    data = MSMarco(paths.SAMPLE_DIR)
+    plain = evaluation.load_rerank_set(data, "dev-test", 5)
+    bm25 = evaluation.load_rerank_set(data, "dev-test", 5, 6, "data/sample/runs/bm25")
+    assert not plain.ranked and bm25.ranked and "not a ranking" in plain.first_stage
+    assert evaluation.rerank_table([plain], evaluation.cross_encoder_run, {}) == {"dev-test": {}}
+    assert set(evaluation.rerank_table([bm25], evaluation.cross_encoder_run, {})["dev-test"]) == {"first_stage"}
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_resume_continues_from_checkpoint(name, tiny_runs, tmp_path, capsys):
     mod, cfg, full, out = tiny_runs(name)
