@@ -48,7 +48,7 @@ from msmarco.distributed import main_process_first, process_group
 from msmarco.errors import user_errors
 from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_run, evaluation_sets,
                                 rerank_table)
-from msmarco.models import freeze_unused_pooler, precision_args, resolve_model, set_dropout
+from msmarco.models import compile_args, freeze_unused_pooler, precision_args, resolve_model, set_dropout
 from msmarco.paths import resolve_dir
 from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run
 from msmarco.sampling import SamplerEpoch, no_duplicate_batches
@@ -62,6 +62,7 @@ class Config:
     model_name: str = "distilbert-base-uncased"  # encoder to start from: hub name, folder or offline:<name>
     similarity: str = "cosine"  # cosine or dot (dot: no normalisation, like msmarco-distilbert-dot-v5)
     attn_implementation: str = "sdpa"  # attention kernels: sdpa, eager, or flash_attention_2 (GPU, if installed)
+    compile_mode: str = ""  # torch.compile training: "" (off), default, reduce-overhead (CUDA graphs), max-autotune
     dropout: float = -1.0  # dropout probability of every layer while training (-1: the base model's own, 0.1 for BERT)
     max_seq_length: int = 300  # tokens per query or passage while training
     eval_max_seq_length: int = 0  # tokens per text when scoring: evaluation and the saved model (0: max_seq_length)
@@ -235,8 +236,8 @@ def main(cfg: Config) -> dict:
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, **precision_args(cfg.amp), seed=cfg.seed,
-        batch_sampler=partial(EpochBlockSampler, rows_per_epoch=len(positives)),
+        weight_decay=cfg.weight_decay, **precision_args(cfg.amp), **compile_args(cfg.compile_mode),
+        seed=cfg.seed, batch_sampler=partial(EpochBlockSampler, rows_per_epoch=len(positives)),
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{rerank.name}_MRR@10", logging_steps=cfg.logging_steps,

@@ -42,7 +42,7 @@ from msmarco.data import MSMarco, distinct_ids, id_dataset
 from msmarco.distributed import main_process_first
 from msmarco.errors import user_errors
 from msmarco.evaluation import RerankEvaluator, cross_encoder_run, evaluation_sets, rerank_table
-from msmarco.models import cross_encoder, head_bias, precision_args
+from msmarco.models import compile_args, cross_encoder, head_bias, precision_args
 from msmarco.paths import resolve_dir
 from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run
 from msmarco.sampling import SamplerEpoch, length_grouped_batches
@@ -55,6 +55,7 @@ class Config:
     model_name: str = "microsoft/MiniLM-L12-H384-uncased"  # encoder to start from: hub name, folder or offline:<name>
     pooling: str = "cls"  # head input: cls ([CLS] + pooler, BertForSequenceClassification) or mean (mean of token states)
     attn_implementation: str = "sdpa"  # attention kernels: sdpa, eager, or flash_attention_2 (GPU, if installed)
+    compile_mode: str = ""  # torch.compile training: "" (off), default, reduce-overhead (CUDA graphs), max-autotune
     dropout: float = -1.0  # dropout probability of every layer while training (-1: the base model's own, 0.1 for BERT)
     max_length: int = 512  # tokens of query + passage (longer is truncated)
     negatives: str = "triples"  # triples: BM25 negatives of qidpidtriples; hard: msmarco-hard-negatives, CE-filtered
@@ -179,8 +180,8 @@ def main(cfg: Config) -> dict:
     args = CrossEncoderTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, **precision_args(cfg.amp), seed=cfg.seed,
-        batch_sampler=length_grouped_batches(batches.row_lengths, cfg.length_window),
+        weight_decay=cfg.weight_decay, **precision_args(cfg.amp), **compile_args(cfg.compile_mode),
+        seed=cfg.seed, batch_sampler=length_grouped_batches(batches.row_lengths, cfg.length_window),
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{evaluator.name}_MRR@10", logging_steps=cfg.logging_steps,

@@ -41,7 +41,7 @@ from msmarco.data import MSMarco, TeacherSamples, distinct_ids, id_dataset
 from msmarco.distributed import is_main_process, main_process_first, split_work
 from msmarco.errors import user_errors
 from msmarco.evaluation import RerankEvaluator, cross_encoder_run, evaluation_sets, rerank_table
-from msmarco.models import cross_encoder, head_bias, precision_args
+from msmarco.models import compile_args, cross_encoder, head_bias, precision_args
 from msmarco.paths import resolve_dir
 from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run, teacher_description
 from msmarco.sampling import SamplerEpoch, length_grouped_batches
@@ -55,6 +55,7 @@ class Config:
     loss: str = "mse"  # mse: each (query, passage) logit to the teacher's; margin_mse: the pos-neg difference
     pooling: str = "cls"  # head input: cls ([CLS] + pooler, BertForSequenceClassification) or mean (mean of token states)
     attn_implementation: str = "sdpa"  # attention kernels: sdpa, eager, or flash_attention_2 (GPU, if installed)
+    compile_mode: str = ""  # torch.compile training: "" (off), default, reduce-overhead (CUDA graphs), max-autotune
     dropout: float = -1.0  # dropout probability of every layer while training (-1: the base model's own, 0.1 for BERT)
     max_length: int = 512  # tokens of query + passage
     max_lines: int = -1  # teacher lines to train on (-1: all ~40M)
@@ -178,8 +179,8 @@ def main(cfg: Config) -> dict:
     args = CrossEncoderTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, **precision_args(cfg.amp), seed=cfg.seed,
-        batch_sampler=length_grouped_batches(batches.row_lengths, cfg.length_window),
+        weight_decay=cfg.weight_decay, **precision_args(cfg.amp), **compile_args(cfg.compile_mode),
+        seed=cfg.seed, batch_sampler=length_grouped_batches(batches.row_lengths, cfg.length_window),
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps,
         save_total_limit=cfg.save_total_limit, load_best_model_at_end=True,
         metric_for_best_model=f"eval_{evaluator.name}_MRR@10", logging_steps=cfg.logging_steps,

@@ -19,10 +19,11 @@ GPU); and the ratio b / a of samples/s. Then the data pipeline alone, no model: 
 (torch and tokenizers on one thread), the stock pipeline including its tokenization.
 The first `--warmup` steps of each configuration are not timed. Also reported: model TFLOP/s of the real tokens
 (6 x non-embedding parameters per token plus attention) and, with --peak_tflops, the MFU; losses that were not
-finite. --amp, --tf32, --attn, --cudnn_sdp, --pad_multiple and --chunk_cost set the precision, attention kernels,
-cuDNN's SDPA backend and the project batches' shape, for A/B runs (benchmarks/gpu_check.py runs those on a GPU). By
-default each configuration runs with its own backends: stock with torch's defaults, the project's with what the
-scripts set (no cuDNN attention under autocast on a GPU, msmarco.models.no_cudnn_attention).
+finite. --amp, --tf32, --attn, --cudnn_sdp, --pad_multiple, --chunk_cost and --compile set the precision, attention
+kernels, cuDNN's SDPA backend, the project batches' shape and its torch.compile mode, for A/B runs
+(benchmarks/gpu_check.py runs those on a GPU). By default each configuration runs with its own backends: stock with
+torch's defaults, the project's with what the scripts set (no cuDNN attention under autocast on a GPU,
+msmarco.models.no_cudnn_attention).
 """
 from __future__ import annotations
 
@@ -139,9 +140,10 @@ class Meter:
 
 
 def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, seed: int, amp: str = "none",
-                 pad_multiple: int = -1, chunk_cost: int = -1, dropout: float = -1.0):
+                 pad_multiple: int = -1, chunk_cost: int = -1, dropout: float = -1.0, compile_mode: str = ""):
     """A trainer for `steps` steps of `config` ("stock" or "project"), without evaluation or checkpoints; `dropout`:
-    the model's dropout (set_dropout; -1 keeps the base model's)."""
+    the model's dropout (set_dropout; -1 keeps the base model's); `compile_mode`: the trainer's torch.compile mode
+    ("": none), as the scripts' --compile_mode."""
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
     from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
@@ -153,7 +155,8 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
     common = dict(output_dir=str(REPO / "output" / "bench_train_speed"), max_steps=steps,
                   per_device_train_batch_size=cfg.batch_size, learning_rate=1e-5, warmup_steps=0,
                   save_strategy="no", eval_strategy="no", logging_steps=10**6, report_to="none", seed=seed,
-                  use_cpu=device == "cpu", bf16=amp == "bf16", fp16=amp == "fp16", disable_tqdm=True)
+                  use_cpu=device == "cpu", bf16=amp == "bf16", fp16=amp == "fp16", disable_tqdm=True,
+                  torch_compile_mode=compile_mode or None)
     shape = batch_shape(getattr(cfg, LENGTH[recipe]), pad_multiple, chunk_cost)
     if recipe in ("v1", "v2"):
         model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=torch.nn.Identity(),
@@ -206,12 +209,13 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
 def run_config(recipe, mod, cfg, config, a) -> dict:
     from transformers import TrainerCallback
     dropout = cfg.dropout if config == "project" and a.dropout == "script" else -1.0
+    compile_mode = a.compile if config == "project" else ""
     if a.device == "cuda":  # torch's default, then what this configuration changes
         torch.backends.cuda.enable_cudnn_sdp(True)
         if a.cudnn_sdp == "off" or (a.cudnn_sdp == "by_config" and config == "project" and a.amp != "none"):
             no_cudnn_attention()
     trainer, model = make_trainer(recipe, mod, cfg, config, a.device, a.warmup + a.steps, a.seed, a.amp,
-                                  a.pad_multiple, a.chunk_cost, dropout)
+                                  a.pad_multiple, a.chunk_cost, dropout, compile_mode)
     meter = Meter(model, trainer, a.device)
 
     class Steps(TrainerCallback):
@@ -304,6 +308,8 @@ def main(argv=None) -> dict:
     p.add_argument("--pad_multiple", type=int, default=-1, help="project batches' padding multiple (-1: by device)")
     p.add_argument("--chunk_cost", type=int, default=-1, help="project batches' chunk cost (-1: by device)")
     p.add_argument("--configs", default="stock,project", help="which configurations to run")
+    p.add_argument("--compile", default="", help="the project configuration under torch.compile with this mode "
+                   "(default, reduce-overhead: CUDA graphs, max-autotune); the warm-up steps take the compilations")
     p.add_argument("--dropout", choices=["script", "base"], default="script",
                    help="the project configuration's dropout: the script's (its --sample preset turns it off) or "
                         "the base model's, as stock keeps it (then the ratio is the batches' alone)")

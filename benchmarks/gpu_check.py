@@ -11,7 +11,8 @@ Parts, each timed and guarded (a failure is recorded with its error and the othe
               stock vs the project's configuration, each as it ships (stock: bf16 with torch's default attention
               kernels; project: bf16, SDPA without cuDNN), and both in fp32 and both without cuDNN attention; then
               the project's alone with cuDNN attention, eager attention, TF32, flash attention 2 (when importable),
-              unrounded padding (pad_multiple 1), and the bi-encoder's batches cut into chunks (chunk_cost 1024).
+              unrounded padding (pad_multiple 1), the bi-encoder's batches cut into chunks (chunk_cost 1024), the
+              bi-encoder under torch.compile (reduce-overhead: CUDA graphs) and at batch 256.
               Samples/s, real tokens/s, model TFLOP/s and MFU, peak GPU memory, non-finite losses.
   2. scripts  each training script's --sample run with a small step budget on the device: train, evaluate, save,
               reload the saved model with stock sentence-transformers and score it again; for v1 also a cut run
@@ -65,13 +66,19 @@ def part_speed(a, work: Path) -> dict:
                 "eager": [f"--amp={amp}", "--attn=eager", "--configs=project"],
                 "tf32": ["--amp=none", "--tf32", "--configs=project"],
                 "pad_multiple_1": [f"--amp={amp}", "--pad_multiple=1", "--configs=project"],
-                "bi_chunk_cost_1024": [f"--amp={amp}", "--chunk_cost=1024", "--configs=project", "--recipes=bi"]}
+                "bi_chunk_cost_1024": [f"--amp={amp}", "--chunk_cost=1024", "--configs=project", "--recipes=bi"],
+                # the launch-bound bi-encoder step: CUDA graphs (one per padded shape: lengths rounded to 32, the
+                # compilations in 10 untimed steps), and 4x the batch (also more in-batch negatives: a recipe choice)
+                "bi_compile_reduce_overhead": [f"--amp={amp}", "--compile=reduce-overhead", "--pad_multiple=32",
+                                               "--warmup=10", "--configs=project", "--recipes=bi"],
+                "bi_batch_256": [f"--amp={amp}", "--batch_size=256", "--recipes=bi"]}
     if importlib.util.find_spec("flash_attn"):
         variants["flash_attention_2"] = [f"--amp={amp}", "--attn=flash_attention_2", "--configs=project"]
     else:
         runs["flash_attention_2"] = {"skipped": "flash_attn is not installed"}
-    if a.dry_run:
-        variants = {k: v for k, v in variants.items() if k in ("stock_vs_project", "eager")}
+    if a.dry_run:  # v1 only (common's --recipes), one step: the plumbing of each kind of variant
+        variants = {k: [x for x in v if not x.startswith(("--recipes=", "--warmup="))] for k, v in variants.items()
+                    if k in ("stock_vs_project", "eager", "bi_compile_reduce_overhead")}
     for name, extra in variants.items():
         out = work / f"speed_{name}.json"
         peak = PEAK_TFLOPS["bf16" if "--amp=bf16" in extra else "tf32" if "--tf32" in extra else "none"] \

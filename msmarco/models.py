@@ -1,7 +1,7 @@
 """Models: names that resolve without a hub (offline:<name>, repository folders), the one-logit cross-encoder both
 cross-encoder recipes train, and the precision a run trains and scores in (bf16 autocast where the hardware has
 bf16 matrix units, fp16 autocast with a grad scaler on older GPUs, else fp32) with the attention kernels that pay off
-in it."""
+in it, and the optional torch.compile of training."""
 from __future__ import annotations
 
 from . import paths
@@ -82,6 +82,21 @@ def precision_args(want: bool) -> dict:
     if gpu and dtype:
         no_cudnn_attention()
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16, "use_cpu": not gpu}
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_args(mode: str) -> dict:
+    """Trainer arguments that train under torch.compile with `mode` ("": eager). The trainer compiles the whole model
+    (and sentence-transformers hands the compiled one to the loss); reduce-overhead replays CUDA graphs, one per
+    padded shape, which the bounded shapes of a GPU's batches (pad_multiple) keep few. On 2 CPU cores it measured no
+    faster (benchmarks/README.md), after 15-30 s of compiling, so it is off by default."""
+    if not mode:
+        return {}
+    if mode not in COMPILE_MODES:
+        raise SystemExit(f"--compile_mode must be empty (off) or one of {', '.join(COMPILE_MODES)}, not {mode!r}")
+    return {"torch_compile_mode": mode}
 
 
 def freeze_unused_pooler(transformer) -> None:

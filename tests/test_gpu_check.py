@@ -26,6 +26,9 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
         assert r["nonfinite_losses"] == 0 and r["model_tflops_per_s"] > 0
     assert run["ratio"] > 0 and run["project"]["padded_per_real"] <= run["stock"]["padded_per_real"]
     assert "stock" not in parts["speed"]["eager"]["runs"][0]  # a project-only variant
+    compiled = parts["speed"]["bi_compile_reduce_overhead"]  # the project's model under torch.compile
+    assert compiled["settings"]["compile"] == "reduce-overhead" and compiled["settings"]["pad_multiple"] == 32
+    assert compiled["runs"][0]["project"]["nonfinite_losses"] == 0
     # scripts: trained, saved, reloaded to the same metrics; a cut run resumed to the same weights (the comparison
     # with a CPU run is for a GPU only)
     v1 = parts["scripts"]["train_cross-encoder-v1"]

@@ -151,6 +151,24 @@ def test_bad_choice_values_are_clear_errors(tmp_path):
     bi, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--systems=bm25,nosuchsystem")
     with pytest.raises(SystemExit, match="nosuchsystem"):
         bi.main(cfg)
+    v1, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--compile_mode=fast")
+    with pytest.raises(SystemExit, match="--compile_mode must be empty .* reduce-overhead"):
+        v1.main(cfg)
+
+
+def test_compiled_training_saves_the_plain_model(tmp_path):
+    """--compile_mode trains the torch.compile'd model (the trainer's torch_compile_mode); what is saved is the
+    plain model, which stock CrossEncoder(path) loads and which scores as in training."""
+    from safetensors import safe_open
+    name = "train_cross-encoder-v1"
+    mod, cfg = tiny_config(name, tmp_path, "--compile_mode=default")
+    res = mod.main(cfg)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in history if "loss" in r)
+    with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "_orig_mod" in k]
+    assert rerun_metrics(name, tmp_path / "model", cfg) == pytest.approx(res["dev-test"]["trained"], abs=1e-6)
 
 
 @pytest.mark.parametrize("name,missing", [("train_cross-encoder-v1", "qidpidtriples.train.full.2.tsv.gz"),
