@@ -312,13 +312,15 @@ def main(cfg: Config) -> dict:
     tag = "".join(c if c.isalnum() or c in "-_.:" else "_" for c in label) or "model"
 
     # 2. Runs and their metrics: dense retrieval over the collection, or reranking of candidates.
+    lists: dict[str, tuple[dict[int, np.ndarray], str]] = {}
     with torch.inference_mode():
         if kind == "bi-encoder":
             results = _bi_encoder_splits(model, folder, data, splits, cfg, out, tag)
         else:
             results, coll = {}, data.collection()
             for s in splits:
-                cands, source, _ = _candidate_lists(s, data.dir, cfg.run_file, cfg.depth)
+                cands, source, order = _candidate_lists(s, data.dir, cfg.run_file, cfg.depth)
+                lists[s.name] = cands, order  # step 3's reference: a full-size run file is read once
                 missing = len(s.qids) - len(cands)
                 if missing:
                     print(f"note: {missing} of the {len(s.qids)} {s.name} queries have no candidates; they score 0")
@@ -330,8 +332,8 @@ def main(cfg: Config) -> dict:
     #    An official candidate file in file order is no ranking: only its recall over all candidates is kept.
     unranked = []
     for s in splits:
-        cands, _, order = _candidate_lists(s, data.dir, cfg.run_file if kind == "cross-encoder" else "", cfg.depth,
-                                           cut=False)
+        cands, order = lists[s.name] if s.name in lists else \
+            _candidate_lists(s, data.dir, "", cfg.depth, cut=False)[::2]
         m = StreamingMetrics(s.qrels, s.min_grade, _recall_ks(cfg.depth))
         for q, pids in cands.items():
             m.add(str(q), {str(p): -float(i) for i, p in enumerate(pids)})
