@@ -22,8 +22,8 @@ The first `--warmup` steps of each configuration are not timed. Also reported: m
 finite. --amp, --tf32, --attn, --cudnn_sdp, --pad_multiple, --chunk_cost and --compile set the precision, attention
 kernels, cuDNN's SDPA backend, the project batches' shape and its torch.compile mode, for A/B runs
 (benchmarks/gpu_check.py runs those on a GPU). By default each configuration runs with its own backends: stock with
-torch's defaults, the project's with what the scripts set (no cuDNN attention under autocast on a GPU,
-msmarco.models.no_cudnn_attention).
+torch's defaults, the project's with what the scripts set under autocast (no cuDNN attention on a GPU, no flash
+attention on a CPU: msmarco.models).
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ import torch  # noqa: E402
 from msmarco.batching import PairBatches, TextBatches, batch_shape, on_token_batches  # noqa: E402
 from msmarco.config import parse_cli  # noqa: E402
 from msmarco.data import MSMarco, TeacherSamples  # noqa: E402
-from msmarco.models import cross_encoder, no_cudnn_attention, resolve_model, set_dropout  # noqa: E402
+from msmarco.models import (cross_encoder, no_cpu_flash_attention, no_cudnn_attention, resolve_model,  # noqa: E402
+                            set_dropout)
 from msmarco.sampling import length_grouped_batches  # noqa: E402
 
 SCRIPTS = {"v1": "train_cross-encoder-v1", "v2": "train_cross-encoder-v2", "bi": "train_bi-encoder-v2"}
@@ -214,6 +215,10 @@ def run_config(recipe, mod, cfg, config, a) -> dict:
         torch.backends.cuda.enable_cudnn_sdp(True)
         if a.cudnn_sdp == "off" or (a.cudnn_sdp == "by_config" and config == "project" and a.amp != "none"):
             no_cudnn_attention()
+    else:  # the same on a CPU: its flash kernel, unless the scripts take it out (bf16 autocast)
+        torch.backends.cuda.enable_flash_sdp(True)
+        if config == "project" and a.amp == "bf16":
+            no_cpu_flash_attention()
     trainer, model = make_trainer(recipe, mod, cfg, config, a.device, a.warmup + a.steps, a.seed, a.amp,
                                   a.pad_multiple, a.chunk_cost, dropout, compile_mode)
     meter = Meter(model, trainer, a.device)

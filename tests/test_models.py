@@ -99,17 +99,21 @@ def simulate(monkeypatch, gpu: tuple | None, amx: bool = False) -> None:
 ])
 def test_mixed_precision_where_it_pays(monkeypatch, machine, gpu, amx, args, dtype):
     simulate(monkeypatch, gpu, amx)
-    cudnn = []  # what the code asked of torch's cuDNN attention switch (recorded, not applied)
+    cudnn, flash = [], []  # what the code asked of torch's cuDNN and flash attention switches (recorded, not applied)
     monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", cudnn.append)
+    monkeypatch.setattr(torch.backends.cuda, "enable_flash_sdp", flash.append)
     if gpu is not None:
         assert torch.cuda.is_bf16_supported()  # what the trainers chose by: emulation counts
     assert models.precision_args(True) == args
     assert models.precision_args(False) == {"bf16": False, "fp16": False, "use_cpu": gpu is None}
-    # a GPU in half precision trains without cuDNN's attention (measured slower); nothing else touches the switch
+    # a GPU in half precision trains without cuDNN's attention, a CPU in bf16 without the flash kernel (both measured
+    # slower); nothing else touches the switches
     assert cudnn == ([False] if gpu else [])
+    assert flash == ([False] if gpu is None and amx else [])
     device = "cuda" if gpu else "cpu"
     ctx = models.autocast(torch.device(device))
     assert cudnn == ([False, False] if gpu else [])
+    assert flash == ([False] if gpu is None and amx else [])  # scoring keeps it: its forward is as fast
     if dtype is None:
         assert isinstance(ctx, contextlib.nullcontext)
     else:
