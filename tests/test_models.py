@@ -113,7 +113,7 @@ def test_mixed_precision_where_it_pays(monkeypatch, machine, gpu, amx, args, dty
     device = "cuda" if gpu else "cpu"
     ctx = models.autocast(torch.device(device))
     assert cudnn == ([False, False] if gpu else [])
-    assert flash == ([False] if gpu is None and amx else [])  # scoring keeps it: its forward is as fast
+    assert flash == ([False] if gpu is None and amx else [])  # evaluate.py keeps it: its forward is as fast
     if dtype is None:
         assert isinstance(ctx, contextlib.nullcontext)
     else:
