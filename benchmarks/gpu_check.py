@@ -11,8 +11,7 @@ Parts, each timed and guarded (a failure is recorded with its error and the othe
               stock vs the project's configuration, each as it ships (stock: bf16 with torch's default attention
               kernels; project: bf16, SDPA without cuDNN), and both in fp32 and both without cuDNN attention; then
               the project's alone with cuDNN attention, eager attention, TF32, flash attention 2 (when importable),
-              unrounded padding (pad_multiple 1), the bi-encoder's batches cut into chunks (chunk_cost 1024), the
-              bi-encoder under torch.compile (reduce-overhead: CUDA graphs) and at batch 256.
+              unrounded padding (pad_multiple 1), and the bi-encoder's batches cut into chunks (chunk_cost 1024).
               Samples/s, real tokens/s, model TFLOP/s and MFU, peak GPU memory, non-finite losses.
   2. scripts  each training script's --sample run with a small step budget on the device: train, evaluate, save,
               reload the saved model with stock sentence-transformers and score it again; for v1 also a cut run
@@ -20,6 +19,9 @@ Parts, each timed and guarded (a failure is recorded with its error and the othe
   3. evaluate evaluate.py --sample on the device: a bi-encoder (chunked top-k over the collection) and a
               cross-encoder (reranking), with the offline base model.
   4. torchrun the bi-encoder under torchrun --nproc_per_node=1 (NCCL on a GPU, gloo on a CPU), briefly.
+  5. levers   the speed runs of the levers for the launch-bound bi-encoder, last since compiling takes minutes: the
+              project's configuration under torch.compile (reduce-overhead: CUDA graphs, lengths rounded to 32),
+              and both configurations at batch 256.
 Writes gpu_check.json and gpu_check.md under --out and prints the table.
 """
 from __future__ import annotations
@@ -50,8 +52,13 @@ def sh(cmd: list[str], timeout: int, env: dict | None = None) -> subprocess.Comp
     return proc
 
 
-def part_speed(a, work: Path) -> dict:
-    """bench_train_speed runs, each its own process (a clean allocator and clean torch.backends settings)."""
+# the speed variants that run last, as the part "levers": their compilations may take minutes of a short window
+LEVERS = ("bi_compile_reduce_overhead", "bi_batch_256")
+
+
+def part_speed(a, work: Path, levers: bool = False) -> dict:
+    """bench_train_speed runs, each its own process (a clean allocator and clean torch.backends settings): the
+    variants of LEVERS with `levers`, the others without."""
     runs = {}
     steps = ["--steps=1", "--warmup=0", "--pipeline_batches=2", "--max_length=32", "--batch_size=4"] if a.dry_run \
         else [f"--steps={a.steps}", "--warmup=5", "--pipeline_batches=200"]
@@ -74,8 +81,9 @@ def part_speed(a, work: Path) -> dict:
                 "bi_batch_256": [f"--amp={amp}", "--batch_size=256", "--recipes=bi"]}
     if importlib.util.find_spec("flash_attn"):
         variants["flash_attention_2"] = [f"--amp={amp}", "--attn=flash_attention_2", "--configs=project"]
-    else:
+    elif not levers:
         runs["flash_attention_2"] = {"skipped": "flash_attn is not installed"}
+    variants = {k: v for k, v in variants.items() if (k in LEVERS) == levers}
     if a.dry_run:  # v1 only (common's --recipes), one step: the plumbing of each kind of variant
         variants = {k: [x for x in v if not x.startswith(("--recipes=", "--warmup="))] for k, v in variants.items()
                     if k in ("stock_vs_project", "eager", "bi_compile_reduce_overhead")}
@@ -195,8 +203,10 @@ def markdown(report: dict) -> str:
     lines = [f"# GPU check, {report['date']}, {report['gpu']}", "",
              f"torch {report['torch']}, transformers {report['transformers']}, sentence-transformers "
              f"{report['sentence_transformers']}; {report['seconds']} s in all", ""]
-    speed = report["parts"].get("speed", {})
-    if isinstance(speed, dict) and "error" not in speed:
+    parts = report["parts"]
+    failed = tuple(p for p in ("speed", "levers") if "error" in parts.get(p, {}))  # a part's own bug: shown below
+    speed = {k: v for p in ("speed", "levers") if p not in failed for k, v in parts.get(p, {}).items()}
+    if speed:
         lines += ["## Training speed (full-default lengths)", "",
                   "| variant | recipe | config | samples/s | real tokens/s | pad/real | TFLOP/s | MFU | peak MiB | "
                   "non-finite losses | project/stock |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -215,8 +225,8 @@ def markdown(report: dict) -> str:
                                      f"{r['model_tflops_per_s']:.2f} | {mfu} | {r['peak_mib']:.0f} | "
                                      f"{r['nonfinite_losses']} | {ratio} |")
         lines.append("")
-    for part in ("scripts", "evaluate", "torchrun"):
-        lines += [f"## {part}", "", "```", json.dumps(report["parts"].get(part), indent=1)[:6000], "```", ""]
+    for part in ("scripts", "evaluate", "torchrun") + failed:
+        lines += [f"## {part}", "", "```", json.dumps(parts.get(part), indent=1)[:6000], "```", ""]
     return "\n".join(lines)
 
 
@@ -226,7 +236,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dry_run", action="store_true", help="tiny budgets: the CPU run the tests do")
     p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "output" / "gpu_check")))
     p.add_argument("--steps", type=int, default=30, help="timed steps per speed configuration")
-    p.add_argument("--parts", default="speed,scripts,evaluate,torchrun")
+    p.add_argument("--parts", default="speed,scripts,evaluate,torchrun,levers")
     p.add_argument("--part_timeout", type=int, default=600, help="seconds for one command of a part")
     a = p.parse_args(argv)
     import torch
@@ -242,7 +252,8 @@ def main(argv=None) -> dict:
               "gpu": torch.cuda.get_device_name() if a.device == "cuda" else "none (CPU dry run)",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "sentence_transformers": sentence_transformers.__version__, "parts": {}}
-    parts = {"speed": part_speed, "scripts": part_scripts, "evaluate": part_evaluate, "torchrun": part_torchrun}
+    parts = {"speed": part_speed, "scripts": part_scripts, "evaluate": part_evaluate, "torchrun": part_torchrun,
+             "levers": lambda a, work: part_speed(a, work, levers=True)}
     for name in a.parts.split(","):
         t = time.time()
         try:

@@ -14,7 +14,7 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
     parts = report["parts"]
-    assert set(parts) == {"speed", "scripts", "evaluate", "torchrun"}
+    assert set(parts) == {"speed", "scripts", "evaluate", "torchrun", "levers"}
     for name, part in parts.items():
         assert "error" not in json.dumps(part), (name, json.dumps(part)[:3000])
     # speed: bench_train_speed's JSON, stock against project, in the same process
@@ -26,7 +26,8 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
         assert r["nonfinite_losses"] == 0 and r["model_tflops_per_s"] > 0
     assert run["ratio"] > 0 and run["project"]["padded_per_real"] <= run["stock"]["padded_per_real"]
     assert "stock" not in parts["speed"]["eager"]["runs"][0]  # a project-only variant
-    compiled = parts["speed"]["bi_compile_reduce_overhead"]  # the project's model under torch.compile
+    assert set(parts["levers"]) == {"bi_compile_reduce_overhead"}  # last; in the dry run only this one, on v1
+    compiled = parts["levers"]["bi_compile_reduce_overhead"]  # the project's model under torch.compile
     assert compiled["settings"]["compile"] == "reduce-overhead" and compiled["settings"]["pad_multiple"] == 32
     assert compiled["runs"][0]["project"]["nonfinite_losses"] == 0
     # scripts: trained, saved, reloaded to the same metrics; a cut run resumed to the same weights (the comparison
