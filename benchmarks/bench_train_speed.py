@@ -17,13 +17,15 @@ per step (step wall time outside the model's forward and backward passes: data, 
 trainer bookkeeping); peak memory (RSS on a CPU, reset between configurations; torch.cuda.max_memory_allocated on a
 GPU); and the ratio b / a of samples/s. Then the data pipeline alone, no model: samples/s that one core feeds
 (torch and tokenizers on one thread), the stock pipeline including its tokenization.
-The first `--warmup` steps of each configuration are not timed. Also reported: model TFLOP/s of the real tokens
-(6 x non-embedding parameters per token plus attention) and, with --peak_tflops, the MFU; losses that were not
-finite. --amp, --tf32, --attn, --cudnn_sdp, --pad_multiple, --chunk_cost and --compile set the precision, attention
-kernels, cuDNN's SDPA backend, the project batches' shape and its torch.compile mode, for A/B runs
-(benchmarks/gpu_check.py runs those on a GPU). By default each configuration runs with its own backends: stock with
-torch's defaults, the project's with what the scripts set under autocast (no cuDNN attention on a GPU, no flash
-attention on a CPU: msmarco.models).
+The first `--warmup` steps of each configuration are not timed. Each recipe and preset runs in a fresh process of its
+own (--no-isolate: all in one), and --rounds=2 runs each configuration twice, stock, project, project, stock, the
+figures their means: what a process's earlier runs leave behind then weighs on both configurations alike.
+Also reported: model TFLOP/s of the real tokens (6 x non-embedding parameters per token plus attention) and, with
+--peak_tflops, the MFU; losses that were not finite. --amp, --tf32, --attn, --cudnn_sdp, --pad_multiple,
+--chunk_cost and --compile set the precision, attention kernels, cuDNN's SDPA backend, the project batches' shape
+and its torch.compile mode, for A/B runs (benchmarks/gpu_check.py runs those on a GPU). By default each
+configuration runs with its own backends: stock with torch's defaults, the project's with what the scripts set
+under autocast (no cuDNN attention on a GPU, no flash attention on a CPU: msmarco.models).
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ import functools
 import importlib.util
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -256,6 +260,56 @@ def run_config(recipe, mod, cfg, config, a) -> dict:
     return out
 
 
+def measure(recipe: str, preset: str, a: argparse.Namespace) -> dict:
+    """One recipe and preset: each configuration run a.rounds times, the order reversed every other round, so that
+    what a process's earlier runs leave behind (its heap, caches, threads) weighs on both configurations alike."""
+    mod, cfg = script_cfg(recipe, preset, a)
+    row = {"recipe": recipe, "preset": preset, "max_length": getattr(cfg, LENGTH[recipe]),
+           "batch_size": cfg.batch_size, "project_dropout": cfg.dropout if a.dropout == "script" else -1.0,
+           "pid": os.getpid()}
+    configs = a.configs.split(",")
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    for i in range(a.rounds):
+        for config in configs if i % 2 == 0 else configs[::-1]:
+            runs[config].append(run_config(recipe, mod, cfg, config, a))
+    for config, rs in runs.items():
+        row[config] = combine(rs)
+    if "stock" in row and "project" in row:
+        row["ratio"] = row["project"]["samples_per_s"] / row["stock"]["samples_per_s"]
+        if a.rounds > 1:
+            row["round_ratios"] = [p["samples_per_s"] / s["samples_per_s"]
+                                   for p, s in zip(runs["project"], runs["stock"])]
+    return row
+
+
+def combine(runs: list[dict]) -> dict:
+    """One configuration's figures over its rounds: rates and times are means, steps and non-finite losses sums,
+    peak memory the highest."""
+    out = dict(runs[0])
+    if len(runs) == 1:
+        return out
+    for key, value in out.items():
+        values = [r[key] for r in runs]
+        if key in ("steps", "nonfinite_losses"):
+            out[key] = sum(values)
+        elif key == "peak_mib":
+            out[key] = max(values)
+        elif isinstance(value, float):
+            out[key] = sum(values) / len(values)
+    out["rounds"] = len(runs)
+    return out
+
+
+def isolated(recipe: str, preset: str, argv: list[str]) -> dict:
+    """measure() in a fresh process: in one process, the recipe measured second ran its project configuration 5-10%
+    slower than when measured first (v1 and v2 sample presets on 2 CPU cores, 2026-12-06), and the ratio with it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.json"
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, f"--recipes={recipe}",
+                        f"--preset={preset}", "--no-isolate", f"--out={out}"], check=True)
+        return json.loads(out.read_text())["runs"][0]
+
+
 def model_flops(model, real_tokens: int, square_lengths: int) -> float:
     """Training FLOPs of the real tokens: 6 x the non-embedding parameters per token (forward 2, backward 4), plus
     attention's 12 x layers x hidden x (sum of squared sequence lengths) (scores and weighted sums, forward and
@@ -313,6 +367,10 @@ def main(argv=None) -> dict:
     p.add_argument("--pad_multiple", type=int, default=-1, help="project batches' padding multiple (-1: by device)")
     p.add_argument("--chunk_cost", type=int, default=-1, help="project batches' chunk cost (-1: by device)")
     p.add_argument("--configs", default="stock,project", help="which configurations to run")
+    p.add_argument("--rounds", type=int, default=1, help="runs of each configuration, the order reversed every "
+                   "other round (2: stock, project, project, stock); figures are their means")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="each recipe and preset in a fresh process of its own (--no-isolate: all in this one)")
     p.add_argument("--compile", default="", help="the project configuration under torch.compile with this mode "
                    "(default, reduce-overhead: CUDA graphs, max-autotune); the warm-up steps take the compilations")
     p.add_argument("--dropout", choices=["script", "base"], default="script",
@@ -330,17 +388,14 @@ def main(argv=None) -> dict:
     if a.device == "cuda":
         results["gpu"] = torch.cuda.get_device_name()
     presets = ["sample", "full"] if a.preset == "both" else [a.preset]
-    for recipe in a.recipes.split(","):
-        for preset in presets:
-            mod, cfg = script_cfg(recipe, preset, a)
-            row = {"recipe": recipe, "preset": preset, "max_length": getattr(cfg, LENGTH[recipe]),
-                   "batch_size": cfg.batch_size, "project_dropout": cfg.dropout if a.dropout == "script" else -1.0}
-            for config in a.configs.split(","):
-                row[config] = run_config(recipe, mod, cfg, config, a)
-            if "stock" in row and "project" in row:
-                row["ratio"] = row["project"]["samples_per_s"] / row["stock"]["samples_per_s"]
-            results["runs"].append(row)
+    pairs = [(recipe, preset) for recipe in a.recipes.split(",") for preset in presets]
+    for recipe, preset in pairs:
+        if a.isolate and len(pairs) > 1:
+            row = isolated(recipe, preset, sys.argv[1:] if argv is None else argv)
+        else:
+            row = measure(recipe, preset, a)
             print_row(row, flush=True)
+        results["runs"].append(row)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=1))

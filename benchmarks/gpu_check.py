@@ -62,7 +62,9 @@ def part_speed(a, work: Path, levers: bool = False) -> dict:
     runs = {}
     steps = ["--steps=1", "--warmup=0", "--pipeline_batches=2", "--max_length=32", "--batch_size=4"] if a.dry_run \
         else [f"--steps={a.steps}", "--warmup=5", "--pipeline_batches=200"]
-    common = ["--preset=full", f"--device={a.device}", "--recipes=" + ("v1" if a.dry_run else "v1,v2,bi"), *steps]
+    # the recipes of a variant share its process (--no-isolate): a fresh CUDA process costs seconds of a short window
+    common = ["--preset=full", f"--device={a.device}", "--recipes=" + ("v1" if a.dry_run else "v1,v2,bi"),
+              "--no-isolate", *steps]
     amp = "bf16" if a.device == "cuda" else "none"
     # each configuration as it ships first (stock: torch's default kernels; project: the scripts' choices), then
     # one setting changed at a time
