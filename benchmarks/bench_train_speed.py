@@ -381,6 +381,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="write the results as JSON here")
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error(f"--rounds must be 1 or more, not {a.rounds}")
     if a.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     results = {"settings": {k: v for k, v in vars(a).items() if k != "out"}, "device": a.device, "model": a.model,
