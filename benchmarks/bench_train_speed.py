@@ -10,7 +10,8 @@ real sentence-transformers trainer in two configurations:
   (a) stock:   text rows, the trainer's default batch sampler and collator, the stock loss (which tokenizes);
   (b) project: id rows, the script's batch sampler (length-grouped for the cross-encoders), token-id batches cut into
                length chunks (msmarco/batching.py), the stock loss fed by them (on_token_batches), and the script's
-               dropout (the cross-encoders' --sample presets train without; --dropout=base keeps the base model's).
+               dropout and frozen embeddings (--freeze_embeddings; --dropout=base keeps the base model's dropout
+               and trains every weight, as stock does).
 Printed and written as JSON (--out) per recipe, preset and configuration: samples/s and real tokens/s; padded tokens
 per real token (what the model was given / what was text and special tokens, counted at the model's input); host ms
 per step (step wall time outside the model's forward and backward passes: data, collation, tokenization, optimizer,
@@ -145,10 +146,12 @@ class Meter:
 
 
 def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, seed: int, amp: str = "none",
-                 pad_multiple: int = -1, chunk_cost: int = -1, dropout: float = -1.0, compile_mode: str = ""):
+                 pad_multiple: int = -1, chunk_cost: int = -1, dropout: float = -1.0, compile_mode: str = "",
+                 freeze_embeddings: bool = False):
     """A trainer for `steps` steps of `config` ("stock" or "project"), without evaluation or checkpoints; `dropout`:
     the model's dropout (set_dropout; -1 keeps the base model's); `compile_mode`: the trainer's torch.compile mode
-    ("": none), as the scripts' --compile_mode."""
+    ("": none), as the scripts' --compile_mode; `freeze_embeddings`: a cross-encoder trains without its embedding
+    layer, as the scripts' --freeze_embeddings."""
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
     from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
@@ -165,7 +168,8 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
     shape = batch_shape(getattr(cfg, LENGTH[recipe]), pad_multiple, chunk_cost)
     if recipe in ("v1", "v2"):
         model = cross_encoder(cfg.model_name, cfg.max_length, cfg.pooling, activation=torch.nn.Identity(),
-                              attn=cfg.attn_implementation, dropout=dropout).to(device)
+                              attn=cfg.attn_implementation, dropout=dropout,
+                              freeze_embeddings=freeze_embeddings).to(device)
         if recipe == "v1":
             ids = mod.training_pairs(data, cfg)
             resolve, stock_loss = None, BinaryCrossEntropyLoss(model)
@@ -214,6 +218,7 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
 def run_config(recipe, mod, cfg, config, a) -> dict:
     from transformers import TrainerCallback
     dropout = cfg.dropout if config == "project" and a.dropout == "script" else -1.0
+    freeze = config == "project" and a.dropout == "script" and getattr(cfg, "freeze_embeddings", False)
     compile_mode = a.compile if config == "project" else ""
     if a.device == "cuda":  # torch's default, then what this configuration changes
         torch.backends.cuda.enable_cudnn_sdp(True)
@@ -224,7 +229,7 @@ def run_config(recipe, mod, cfg, config, a) -> dict:
         if config == "project" and a.amp == "bf16":
             no_cpu_flash_attention()
     trainer, model = make_trainer(recipe, mod, cfg, config, a.device, a.warmup + a.steps, a.seed, a.amp,
-                                  a.pad_multiple, a.chunk_cost, dropout, compile_mode)
+                                  a.pad_multiple, a.chunk_cost, dropout, compile_mode, freeze)
     meter = Meter(model, trainer, a.device)
 
     class Steps(TrainerCallback):
@@ -266,6 +271,7 @@ def measure(recipe: str, preset: str, a: argparse.Namespace) -> dict:
     mod, cfg = script_cfg(recipe, preset, a)
     row = {"recipe": recipe, "preset": preset, "max_length": getattr(cfg, LENGTH[recipe]),
            "batch_size": cfg.batch_size, "project_dropout": cfg.dropout if a.dropout == "script" else -1.0,
+           "project_freeze_embeddings": a.dropout == "script" and getattr(cfg, "freeze_embeddings", False),
            "pid": os.getpid()}
     configs = a.configs.split(",")
     runs: dict[str, list[dict]] = {c: [] for c in configs}
@@ -374,7 +380,8 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", default="", help="the project configuration under torch.compile with this mode "
                    "(default, reduce-overhead: CUDA graphs, max-autotune); the warm-up steps take the compilations")
     p.add_argument("--dropout", choices=["script", "base"], default="script",
-                   help="the project configuration's dropout: the script's (its --sample preset turns it off) or "
+                   help="the project configuration's dropout and frozen embeddings: the script's (its --sample "
+                        "preset turns dropout off) or "
                         "the base model's, as stock keeps it (then the ratio is the batches' alone)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="the device's peak for the MFU (0: no MFU)")
     p.add_argument("--pipeline_batches", type=int, default=100, help="batches drawn to time the data pipeline")
@@ -407,7 +414,8 @@ def main(argv=None) -> dict:
 def print_row(row: dict, flush: bool = False) -> None:
     drop = row.get("project_dropout", -1.0)
     head = (f"{row['recipe']} {row['preset']} (length {row['max_length']}, batch {row['batch_size']}"
-            + (f"; project dropout {drop:g}" if drop >= 0 else "") + ")")
+            + (f"; project dropout {drop:g}" if drop >= 0 else "")
+            + ("; project embeddings frozen" if row.get("project_freeze_embeddings") else "") + ")")
     print(f"\n{head}" + (f": project / stock = {row['ratio']:.2f}x samples/s" if "ratio" in row else ""))
     print(f"{'':9}{'samples/s':>10}{'tokens/s':>10}{'pad/real':>9}{'host ms':>9}{'fwd ms':>9}{'bwd ms':>9}"
           f"{'peak MiB':>10}{'pipeline/s':>11}{'TFLOP/s':>9}{'MFU':>7}")

@@ -69,6 +69,22 @@ def test_dropout_zero_makes_training_forward_passes_deterministic(tiny_models, a
         models.cross_encoder(tiny_models["bert"], max_length=32, pooling="mean", dropout=1.5)
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_frozen_embeddings_get_no_gradient_and_the_rest_trains(tiny_models, arch, pooling):
+    model = models.cross_encoder(tiny_models[arch], max_length=32, pooling=pooling, freeze_embeddings=True)
+    model.train()
+    model(dict(model.preprocess(PAIRS)))["scores"].sum().backward()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".embeddings." in n or ".pooler." in n for n in frozen), sorted(frozen)
+    assert any("word_embeddings" in n for n in frozen)  # the bulk of the layer, its vocabulary
+    for n, p in model.named_parameters():  # frozen weights get no gradient, the encoder and head get theirs
+        assert (p.grad is None) == (n in frozen), n
+    with pytest.raises(SystemExit, match="no embeddings layer"):
+        model[0].auto_model.base_model.embeddings = None
+        models.freeze_embedding_layer(model[0])
+
+
 def test_head_bias_without_a_biased_logit_layer_names_the_model(tiny_models):
     model = models.cross_encoder(tiny_models["bert"], max_length=32, pooling="cls")
     model[0].auto_model.classifier = torch.nn.Linear(32, 1, bias=False)
