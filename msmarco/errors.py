@@ -1,5 +1,6 @@
-"""Errors a user can fix (a damaged or missing data file, a failed download, a bad option), each with a message
-that says what is wrong and what to do, and how a script ends on one: the message and exit code 1, no traceback.
+"""Errors a user can fix (a damaged or missing data file, a failed download, a bad option, an output folder holding a
+cut run of another config), each with a message that says what is wrong and what to do, and how a script ends on
+one: the message and exit code 1, no traceback.
 Any other exception is a bug and keeps its traceback."""
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ class DownloadError(RuntimeError):
     """A download failed for good (dead link, retries used up, corrupt result)."""
 
 
-USER_ERRORS = (DataError, DownloadError)  # a bad --key=value already ends the script with its message (config.py)
+class OutputFolderError(RuntimeError):
+    """An output folder holds a cut run that the command would not continue faithfully (another config)."""
+
+
+USER_ERRORS = (DataError, DownloadError, OutputFolderError)  # a bad --key=value already ends the script with its message (config.py)
 
 
 @contextlib.contextmanager

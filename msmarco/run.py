@@ -12,6 +12,7 @@ from typing import Callable
 
 from . import paths
 from .distributed import barrier, init_distributed, is_main_process, main_process_first
+from .errors import OutputFolderError
 
 
 def save_config(cfg, out_dir: Path) -> Path:
@@ -109,13 +110,44 @@ def plot_history(jsonl: Path, png: Path, metric: str) -> Path | None:
     return png
 
 
+# Fields a resumed run may change: where it writes and what it reports, never what it trains or how the checkpoint
+# is chosen (a changed --lr, say, would be ignored by the optimizer and scheduler restored from the checkpoint).
+RESUMABLE_CHANGES = frozenset({"resume", "output_dir", "report_to", "logging_steps", "save_total_limit",
+                               "report_splits", "retrieval_eval", "retrieval_k", "retrieval_every_eval"})
+
+
+def config_changes(cfg, out_dir: Path) -> dict:
+    """{field: (saved value, new value)} for the fields of `cfg` that differ from out_dir/config.json and that a
+    resumed run may not change ({} without a saved config)."""
+    path = out_dir / "config.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    new = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))  # tuples as lists, as saved
+    return {k: (saved.get(k), v) for k, v in new.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+
+
 def start_run(cfg, out: Path) -> str | None:
     """Prepare output/<script>/: the checkpoint to resume from (newest complete one, if cfg.resume), else a
-    clean slate (old checkpoints and metric history removed). Writes the config beside the outputs.
-    Under a launcher it joins the process group; only the main process touches the folder."""
+    clean slate (old checkpoints, metric history and results removed). Writes the config beside the outputs.
+
+    Only the same config resumes. A finished run (results.json written) with another config is replaced by the new
+    one; a cut run with another config ends the script (exit code 1) with the changed fields, so a mistyped flag
+    never continues a run under settings it did not train with. Under a launcher it joins the process group;
+    only the main process touches the folder."""
     init_distributed()
+    checkpoint = last_checkpoint(out / "checkpoints") if cfg.resume else None
+    changes = config_changes(cfg, out) if checkpoint else {}
+    if changes and not (out / "results.json").exists():
+        listed = "\n".join(f"  --{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        raise OutputFolderError(f"{out} holds a cut run ({Path(checkpoint).name}) with another config:\n{listed}\n"
+                                f"Rerun with its options to resume it, add --resume=false to replace it with this "
+                                f"run, or pass --output_dir=<another folder> to keep both.")
+    if changes and is_main_process():
+        print(f"{out}: the finished run there had another config ({', '.join(changes)}); starting afresh")
+    checkpoint = None if changes else checkpoint
+    barrier()  # every process has decided from the folder as it was, before the main process changes it
     with main_process_first():
-        checkpoint = last_checkpoint(out / "checkpoints") if cfg.resume else None
         if is_main_process():
             if checkpoint is None:
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -123,6 +155,7 @@ def start_run(cfg, out: Path) -> str | None:
                     (out / name).unlink(missing_ok=True)
             else:
                 print(f"resuming from {checkpoint}")
+            (out / "results.json").unlink(missing_ok=True)  # the figures of a run that is no longer the folder's
             save_config(cfg, out)
     return checkpoint
 
@@ -186,10 +219,14 @@ def save_model(trainer, model, out: Path) -> Path:
     tmp, final = out / "model.tmp", out / "model"
     with main_process_first():
         if trainer.is_world_process_zero():
-            shutil.rmtree(tmp, ignore_errors=True)
+            old = out / "model.old"
+            for stale in (tmp, old):
+                shutil.rmtree(stale, ignore_errors=True)
             model.save_pretrained(str(tmp))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # a crash before this line leaves the previous model, never half of one
+            if final.exists():
+                os.replace(final, old)  # renames, not a delete: a crash leaves model/ or model.old/ whole, never half
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

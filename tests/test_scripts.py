@@ -125,6 +125,76 @@ def test_resume_continues_from_checkpoint(name, tiny_runs, tmp_path, capsys):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+def test_a_cut_run_refuses_another_config_and_a_finished_one_is_replaced(tiny_runs, tmp_path):
+    """A cut run met with other training options ends with the changed fields named (resumed, its restored optimizer
+    and schedule would ignore a new --lr), leaving the folder as it was; options that only say where to write and
+    what to report may change. A finished run (results.json) is replaced by a run with another config."""
+    from msmarco import run
+    mod, cfg, full, out = tiny_runs("train_cross-encoder-v1")
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
+    (cut / "results.json").unlink()  # a cut run never wrote its results
+    saved = (cut / "config.json").read_text()
+    other = config.parse_cli(cfg, [f"--output_dir={cut}", "--lr=7e-6", "--seed=13"])
+    with pytest.raises(errors.OutputFolderError) as e:
+        run.start_run(other, cut)
+    msg = str(e.value)
+    assert "--lr: 0.0001 -> 7e-06" in msg and "--seed: 12 -> 13" in msg and "--resume=false" in msg
+    assert "--output_dir:" not in msg and msg.count(" -> ") == 2  # only the fields that change training
+    assert (cut / "config.json").read_text() == saved and (cut / "checkpoints" / "checkpoint-2").is_dir()
+    reporting = config.parse_cli(cfg, [f"--output_dir={cut}", "--logging_steps=5", "--report_to=none"])
+    assert run.start_run(reporting, cut).endswith("checkpoint-2")
+    assert run.start_run(config.parse_cli(other, ["--resume=false"]), cut) is None  # replaced on request
+    assert not (cut / "checkpoints").exists()
+
+    done = tmp_path / "done"
+    shutil.copytree(out, done)
+    assert run.start_run(config.parse_cli(cfg, [f"--output_dir={done}"]), done).endswith("checkpoint-4")
+    (done / "results.json").write_text("{}")  # finished, as a resumed run leaves it again
+    assert run.start_run(config.parse_cli(other, [f"--output_dir={done}"]), done) is None
+    assert not (done / "checkpoints").exists() and not (done / "results.json").exists()
+    assert json.loads((done / "config.json").read_text())["lr"] == 7e-6
+
+
+def test_a_failed_save_leaves_the_previous_model_whole(tmp_path, monkeypatch):
+    """save_model renames the previous model/ aside before the new one takes its place: a crash at any point leaves
+    a whole model in model/ or model.old/, never half of one."""
+    from msmarco import run
+
+    class Trainer:
+        def is_world_process_zero(self):
+            return True
+
+    class Model:
+        def __init__(self, text):
+            self.text = text
+
+        def save_pretrained(self, path):
+            (tmp_path / "out" / "model.tmp").mkdir(parents=True)
+            for i in range(3):
+                (tmp_path / "out" / "model.tmp" / f"part{i}").write_text(self.text)
+
+    out = tmp_path / "out"
+    run.save_model(Trainer(), Model("first"), out)
+    assert sorted(p.name for p in out.iterdir()) == ["model"]
+    real_replace = run.os.replace
+
+    def crash_on_new_model(src, dst):
+        if str(src).endswith("model.tmp"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(run.os, "replace", crash_on_new_model)
+    with pytest.raises(KeyboardInterrupt):
+        run.save_model(Trainer(), Model("second"), out)
+    kept = out / "model.old" if (out / "model.old").exists() else out / "model"
+    assert [p.read_text() for p in sorted(kept.iterdir())] == ["first"] * 3
+    monkeypatch.setattr(run.os, "replace", real_replace)
+    run.save_model(Trainer(), Model("third"), out)
+    assert sorted(p.name for p in out.iterdir()) == ["model"]
+    assert [p.read_text() for p in sorted((out / "model").iterdir())] == ["third"] * 3
+
+
 def load_state(name, model_dir):
     from safetensors.torch import load_file
     files = sorted(model_dir.rglob("model.safetensors"))
