@@ -5,6 +5,7 @@ complete; a changed source (size, mtime) or store layout (STORE_VERSION) rebuild
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,11 @@ def _fingerprint(sources: Iterable[Path]) -> dict:
             "sources": {str(p.name): [p.stat().st_size, p.stat().st_mtime_ns] for p in sources}}
 
 
+def _built(final: Path, want: dict) -> bool:
+    meta_path = final / "meta.json"
+    return meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == want
+
+
 def prepared(data_dir: Path, name: str, sources: list[Path], build: Callable[[Path], dict | None]) -> Path:
     """The folder of store `name`, built by `build(tmp_dir)` unless an up-to-date one exists.
 
@@ -34,12 +40,19 @@ def prepared(data_dir: Path, name: str, sources: list[Path], build: Callable[[Pa
     nothing behind and the next run rebuilds it; a changed source file (size or mtime) forces a rebuild.
     A file lock lets one process build while the others (torchrun ranks, parallel runs) wait for it."""
     root = paths.resolve_dir(data_dir) / paths.PREPARED
-    root.mkdir(parents=True, exist_ok=True)
     final = root / name
     want = _fingerprint(sources)
-    with paths.file_lock(root / f"{name}.lock"):
-        meta_path = final / "meta.json"
-        if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == want:
+    if _built(final, want):  # no lock needed to read: a shared or read-only data folder serves its built stores
+        return final
+    with contextlib.ExitStack() as locked:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            locked.enter_context(paths.file_lock(root / f"{name}.lock"))
+        except OSError as e:
+            raise DataError(f"cannot build the store {name!r} in {root} ({e}): a store is written once, on the first "
+                            f"run that needs it, so the data folder must be writable then; make it writable, or "
+                            f"pass --data_dir=<a writable copy>") from None
+        if _built(final, want):  # built by another process while this one waited for the lock
             return final
         for stale in root.glob(f"{name}.tmp-*"):  # left by a killed build: no one else builds under the lock
             shutil.rmtree(stale, ignore_errors=True)

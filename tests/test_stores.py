@@ -175,6 +175,22 @@ def test_cache_reused_and_rebuilt_when_source_changes(copy):
     assert leftovers(copy) == ["collection"]
 
 
+def test_built_stores_are_read_without_writing_and_an_unwritable_folder_is_a_clear_error(copy, monkeypatch):
+    """A built store opens without taking the build lock, so a shared or read-only data folder serves its stores
+    (here taking a lock fails, as it would there); a store that still has to be built ends with
+    an error that says the folder must be writable once, not with an OSError's traceback."""
+    import pytest
+    from msmarco.errors import DataError
+    assert len(MSMarco(copy).collection()) == 28_262
+
+    def unwritable(*a, **k):
+        raise PermissionError(13, "Permission denied", str(a[0]) if a else "")
+    monkeypatch.setattr(paths, "file_lock", unwritable)
+    assert len(MSMarco(copy).collection()) == 28_262
+    with pytest.raises(DataError, match="cannot build the store 'queries.dev'.*writable.*--data_dir"):
+        MSMarco(copy).queries("dev")
+
+
 def test_cache_rebuilt_for_old_store_version(copy, monkeypatch):
     MSMarco(copy).collection()
     meta = copy / paths.PREPARED / "collection" / "meta.json"
