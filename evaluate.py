@@ -7,13 +7,16 @@
     python evaluate.py --sample --model=offline:all-MiniLM-L6-v2     # bundled sample, offline, CPU
 Outputs: output/evaluate/<model name>/ (<split>.run TREC runs, metrics.json, config.json) and a printed table.
 A bi-encoder's collection embeddings are cached (fp16, memory-mapped, resumable) under
-<data_dir>/.prepared/embeddings/<model fingerprint>/, so a second evaluation of the same model encodes nothing.
+<data_dir>/.prepared/embeddings/<model name>-<fingerprint>/, so a second evaluation of the same model encodes nothing;
+one cache per model name (a retrained model replaces its predecessor's).
 The metrics (msmarco/metrics.py) reproduce trec_eval / ir-measures exactly.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -137,19 +140,21 @@ class BenchmarkSplit:
 
 def load_benchmark_split(data: "MSMarco", name: str, max_queries: int = -1,
                          seed: int = 0) -> BenchmarkSplit:
-    """Every judged query of dev-small (qrels.dev.small) or TREC DL <year>, with the official candidates.
-    Unlike load_rerank_set no passage text is loaded: at full scale there are 7M candidates."""
+    """Every judged query of dev-small (qrels.dev.small) or TREC DL <year>, with the official candidates, read (and
+    downloaded) only when asked for: a bi-encoder retrieves, a --run_file replaces them. Unlike load_rerank_set no
+    passage text is loaded: at full scale there are 7M candidates."""
     if name == "dev":
-        queries, qrels_int, cands = data.queries("dev"), data.qrels("dev"), data.dev_candidates()
+        queries, qrels_int, official = data.queries("dev"), data.qrels("dev"), data.dev_candidates
     else:
-        queries, qrels_int, cands = data.trec_dl(int(name[2:]))
+        queries, qrels_int = data.trec_dl_topics(int(name[2:]))
+        official = lambda: data.trec_dl_candidates(int(name[2:]))  # noqa: E731
     min_grade, metrics = SPLIT_METRICS["dev" if name == "dev" else "dl"]
     qids = sorted(q for q, d in qrels_int.items() if any(g >= min_grade for g in d.values()))
     if 0 <= max_queries < len(qids):
         rng = np.random.default_rng(seed)
         qids = sorted(rng.choice(qids, size=max_queries, replace=False).tolist())
     return BenchmarkSplit(name, qids, [queries[q] for q in qids], str_qrels({q: qrels_int[q] for q in qids}),
-                          min_grade, metrics, lambda q: cands[q] if q in cands else None)
+                          min_grade, metrics, lambda q: official()[q] if q in official() else None)
 
 
 def _run_lines(qid: str, docs: dict[str, float], tag: str, k: int | None = None) -> str:
@@ -216,6 +221,11 @@ def _candidate_lists(split: BenchmarkSplit, data_dir: Path, run_file: str, depth
 def _bi_encoder_splits(model, folder: Path, data, splits: list[BenchmarkSplit], cfg: Config, out: Path, tag: str):
     coll = data.collection()
     cache = data.dir / paths.PREPARED / "embeddings" / embedding_fingerprint(folder, model, coll)
+    label = cache.name.rsplit("-", 1)[0]
+    for old in cache.parent.glob("*"):  # one cache per model: 6.8 GB each for 384 dimensions at full size
+        if old != cache and re.fullmatch(re.escape(label) + r"-[0-9a-f]{16}", old.name):
+            print(f"removing {old}: the embeddings of an earlier {label} (other weights or max_seq_length)")
+            shutil.rmtree(old, ignore_errors=True)
     print(f"collection: {len(coll):,} passages; embedding cache {cache}")
     emb = encode_collection(model, coll, cache, batch_size=cfg.batch_size, chunk=cfg.encode_chunk)
     texts = [t for s in splits for t in s.queries]  # every split's queries in one pass over the embeddings

@@ -94,14 +94,23 @@ class MSMarco:
 
     def trec_dl(self, year: int) -> tuple[TextStore, dict[int, dict[int, int]], Grouped]:
         """TREC DL `year` passage task: (queries, graded qrels, BM25 top-1000 candidates)."""
-        qname, rname, cname = TREC_DL[year]
+        return (*self.trec_dl_topics(year), self.trec_dl_candidates(year))
+
+    def trec_dl_topics(self, year: int) -> tuple[TextStore, dict[int, dict[int, int]]]:
+        """TREC DL `year`: (queries, graded qrels), without the candidate file (a run of one's own replaces it)."""
+        qname, rname, _ = TREC_DL[year]
 
         def make():
             qsrc = self.path(qname)
             queries = TextStore(prepared(self.dir, f"dl{year}.queries", [qsrc],
                                          lambda d: TextStore.build(d, iter_id_text(qsrc), str(qsrc))), "query")
-            return queries, read_qrels(self.path(rname)), self._top1000(f"dl{year}.top1000", self.path(cname), None)
+            return queries, read_qrels(self.path(rname))
         return self._once(("dl", year), make)
+
+    def trec_dl_candidates(self, year: int) -> Grouped:
+        """qid -> BM25 top-1000 candidate pids of TREC DL `year`, in file order."""
+        return self._once(("dl_cand", year), lambda: self._top1000(
+            f"dl{year}.top1000", self.path(TREC_DL[year][2]), None))
 
     # --- training signals
     def hard_negatives(self) -> HardNegatives:

@@ -80,11 +80,11 @@ def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None
     sorted by qid. Queries without candidates are left out (they would score 0 for every system)."""
     base = split.split("-")[0]
     if base == "dev":
-        queries, qrels_int, cands = data.queries("dev"), data.qrels("dev"), data.dev_candidates()
+        queries, qrels_int, official = data.queries("dev"), data.qrels("dev"), data.dev_candidates
         min_grade = 1
     elif base.startswith("dl"):
-        queries, qrels_int, cands = data.trec_dl(int(base[2:]))
-        min_grade = 2
+        queries, qrels_int = data.trec_dl_topics(int(base[2:]))
+        official, min_grade = (lambda: data.trec_dl_candidates(int(base[2:]))), 2
     else:
         raise ValueError(f"unknown evaluation split {split!r}: use dev, dev-tune, dev-test, dl2019 or dl2020")
     if first_stage:
@@ -96,7 +96,8 @@ def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None
         run = read_trec_run(path)
         cands = {int(q): np.asarray(rank(docs, max_candidates), dtype=np.int64) for q, docs in run.items()}
         source = f"{path} (top {max_candidates or 'all'}, in its order)"
-    else:
+    else:  # only now: with a run of one's own the official file is neither downloaded nor read
+        cands = official()
         source = f"{base} candidate file, all of each query's candidates (file order is not a ranking)"
     qids = sorted(q for q in qrels_int if q in cands and any(g >= min_grade for g in qrels_int[q].values()))
     if split != base:

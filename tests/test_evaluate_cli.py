@@ -113,7 +113,18 @@ def test_rerun_uses_the_embedding_cache(bi_eval, models, tmp_path, monkeypatch):
     def no_encoding(*a, **kw):
         raise AssertionError("the collection was encoded again")
     monkeypatch.setattr(SentenceTransformer, "encode_document", no_encoding)
-    evaluate.main(_cfg(models["bi"], tmp_path))
+    root = SAMPLE / paths.PREPARED / "embeddings"
+    label = evaluate.model_label("", models["bi"])  # "bi": the folder above model/
+    stale, other = root / f"{label}-0123456789abcdef", root / f"{label}x-0123456789abcdef"
+    for d in (stale, other):
+        d.mkdir(parents=True, exist_ok=True)
+    try:
+        evaluate.main(_cfg(models["bi"], tmp_path))
+        # the same model name's earlier embeddings (other weights) are removed, another model's are kept
+        assert not stale.exists() and other.is_dir() and len(list(root.glob(f"{label}-*"))) == 1
+    finally:
+        for d in (stale, other):
+            shutil.rmtree(d, ignore_errors=True)
     for split in ("dev", "dl2020"):
         assert (tmp_path / f"{split}.run").read_text() == (out / f"{split}.run").read_text()
 
@@ -234,6 +245,26 @@ def test_unranked_candidate_files_are_not_cut(tmp_path):
     (tmp_path / "runs" / "bm25" / "dl2020.run").write_text("1 Q0 7 1 3.0 bm25\n1 Q0 5 2 2.0 bm25\n1 Q0 9 3 1.0 bm25\n")
     cands, source, order = evaluate._candidate_lists(split, tmp_path, "", 2)
     assert order == "BM25" and source.startswith("BM25 run") and {q: c.tolist() for q, c in cands.items()} == {1: [7, 5]}
+
+
+def test_a_run_of_ones_own_needs_no_official_candidate_file(monkeypatch):
+    """With a first-stage run the official candidate files (top1000.dev: 687 MB at full scale; the DL top-1000s)
+    are neither downloaded nor read, and evaluate.py's splits read them only when their candidates are asked for
+    (a bi-encoder retrieves instead)."""
+    from msmarco.data import MSMarco
+
+    def unavailable(*a):
+        raise AssertionError("the official candidate file was read")
+    monkeypatch.setattr(MSMarco, "dev_candidates", unavailable)
+    monkeypatch.setattr(MSMarco, "trec_dl_candidates", unavailable)
+    data = MSMarco(paths.SAMPLE_DIR)
+    for split in ("dev-test", "dl2020"):
+        rs = evaluation.load_rerank_set(data, split, 5, 6, "data/sample/runs/bm25")
+        assert len(rs.qids) == 5 and rs.ranked and all(len(c) == 6 for c in rs.candidates)
+        bench = evaluate.load_benchmark_split(data, split.split("-")[0], 5)
+        assert len(bench.qids) == 5 and bench.qrels
+    with pytest.raises(AssertionError, match="official candidate file"):
+        bench.candidates(bench.qids[0])
 
 
 def test_cross_encoder_reranks_a_run_folder(models, bi_eval, tmp_path):
