@@ -70,8 +70,9 @@ def parse_cli(cfg, argv: list[str] | None = None):
 
 
 def script_config(default, sample_preset: dict, argv: list[str] | None = None):
-    """The config of a script run: defaults, then the sample preset if --sample, then the --key=value overrides."""
-    cfg = parse_cli(default, argv)
-    if cfg.sample:
-        cfg = parse_cli(dataclasses.replace(default, **sample_preset, sample=True), argv)
-    return cfg
+    """The config of a script run: defaults, then the sample preset if --sample, then the --key=value overrides.
+    --help lists the values the run would use (with --sample, the preset's)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_cli(default, [a for a in argv if a not in ("--help", "-h")])
+    base = dataclasses.replace(default, **sample_preset, sample=True) if cfg.sample else default
+    return parse_cli(base, argv)

@@ -57,3 +57,21 @@ def test_parse_cli_bad_value(argv, key):
 def test_parse_cli_positional_argument():
     with pytest.raises(SystemExit, match="unexpected argument"):
         config.parse_cli(Cfg(), ["lr=1"])
+
+
+@dataclasses.dataclass
+class ScriptCfg:
+    sample: bool = False
+    lr: float = 2e-5
+    data_dir: str = "data"
+
+
+def test_script_config_applies_the_sample_preset_and_help_shows_its_values(capsys):
+    """--sample swaps in the preset, then --key=value overrides it; --help lists the values this run would use."""
+    preset = {"lr": 1e-4, "data_dir": "data/sample"}
+    assert config.script_config(ScriptCfg(), preset, []) == ScriptCfg()
+    assert config.script_config(ScriptCfg(), preset, ["--sample", "--lr=3e-4"]) == ScriptCfg(True, 3e-4, "data/sample")
+    for argv, shown in ([["--help"], "--data_dir='data'"], [["--sample", "--help"], "--data_dir='data/sample'"]):
+        with pytest.raises(SystemExit) as e:
+            config.script_config(ScriptCfg(), preset, argv)
+        assert e.value.code == 0 and shown in capsys.readouterr().out
