@@ -125,8 +125,10 @@ def iter_int_rows(path: Path, ncols: int, what: str, chunk_bytes: int = 8 << 20,
                 raise DataError(f"{path}: the compressed stream breaks off after line {first - 1} ({e}); "
                                 "the file is truncated or corrupt: delete it and download it again") from e
             if block:
-                cut = block.rfind(b"\n") + 1  # whole lines now, the rest with the next block
-                buf, pending = pending + block[:cut], block[cut:]
+                data = pending + block  # a block without a newline only grows the pending line
+                cut = data.rfind(b"\n") + 1  # whole lines now, the rest with the next block
+                buf, pending = data[:cut], data[cut:]
+                del data
                 if not buf:
                     continue
             else:

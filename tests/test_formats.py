@@ -2,6 +2,7 @@
 is a DataError naming the file and line, which leaves no half-built store."""
 import warnings
 
+import numpy as np
 import pytest
 
 from msmarco import errors, formats, paths
@@ -98,3 +99,17 @@ def test_triples_malformed_line(copy):
         MSMarco(copy).triples()
     assert str(src) in str(e.value) and "line 100:" in str(e.value)
     assert not [n for n in leftovers(copy) if n.startswith("triples")]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 5, 7, 11, 24, 25, 64, 1 << 20])
+@pytest.mark.parametrize("trailing_newline", [True, False])
+def test_int_rows_do_not_depend_on_where_the_blocks_cut(tmp_path, chunk_bytes, trailing_newline):
+    """Every cut of the file into read blocks gives the same rows, also a block that holds no newline (a line
+    longer than a block, or the last line without its newline crossing a block boundary): such a block only
+    extends the pending line."""
+    rows = [(1185869, 7, 123), (5, 8841822, 0), (42, 1, 99999), (3, 3, 3)]
+    text = "\n".join("\t".join(map(str, r)) for r in rows) + ("\n" if trailing_newline else "")
+    path = tmp_path / "rows.tsv"
+    path.write_text(text)
+    got = np.concatenate([a for _, a in formats.iter_int_rows(path, 3, "rows", chunk_bytes=chunk_bytes, kinds="iii")])
+    assert got.astype(int).tolist() == [list(r) for r in rows]
