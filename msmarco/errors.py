@@ -20,7 +20,8 @@ class OutputFolderError(RuntimeError):
     """An output folder holds a cut run that the command would not continue faithfully (another config)."""
 
 
-USER_ERRORS = (DataError, DownloadError, OutputFolderError)  # a bad --key=value already ends the script with its message (config.py)
+# A bad --key=value already ends the script with its message (config.py).
+USER_ERRORS = (DataError, DownloadError, OutputFolderError)
 
 
 @contextlib.contextmanager
