@@ -20,7 +20,7 @@ from .errors import DataError
 from .formats import iter_int_rows
 from .score_pickle import stream_score_pickle
 
-STORE_VERSION = 1  # bump when a store's on-disk layout changes: old caches are rebuilt
+STORE_VERSION = 2  # bump when a store's on-disk layout or text changes: old caches are rebuilt (2: text repair)
 
 
 def _fingerprint(sources: Iterable[Path]) -> dict:

@@ -472,7 +472,9 @@ queries.train.tsv but are left out of qrels.train.tsv and of all training files,
   `normalize_embeddings=True`, batch 64, `max_seq_length` 256, CPU.
 - Before encoding, each passage and query is repaired from the double-encoded UTF-8 of the
   official files: `text.encode('latin-1').decode('utf-8')`, keeping the original text when this
-  raises.  Only the model input is repaired; every file keeps the original bytes.
+  raises.  Only the model input is repaired; every file keeps the original bytes.  (The
+  scripts' own repair, msmarco/formats.py, goes on sequence by sequence where the whole text
+  does not round-trip: 52 more passages here, scored by the build as they were.)
 - Score of (query, passage) = round(20 x cosine, 4).  These are bi-encoder scores: they stand
   in for the cross-encoder / BERT-CAT teacher scores of the real files and are weaker than them.
 - Everything is deterministic (fixed seeds, gzip mtime 0, tar members with mtime 0 / uid 0,

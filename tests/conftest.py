@@ -18,7 +18,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
-from msmarco import data, paths  # noqa: E402
+from msmarco import data, formats, paths  # noqa: E402
 
 SHARED_SAMPLE = ROOT.parent / "shared" / "msmarco-sample"  # the real data the bundled sample was built from
 
@@ -32,11 +32,8 @@ MISSING_PID = 999_999_999  # fits int32, not in the sample collection
 
 
 def repair(text: str) -> str:
-    """The documented fix (data/sample/README.md): latin-1 -> utf-8, keep the text when it raises."""
-    try:
-        return text.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        return text
+    """The stores' text: the raw text with its double-encoded UTF-8 repaired (its cases: tests/test_formats.py)."""
+    return formats.fix_mojibake(text)
 
 
 def tar_member_lines(path: Path, member: str) -> list[bytes]:

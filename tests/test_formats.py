@@ -18,6 +18,11 @@ from conftest import TEACHER, TRIPLES, leftovers, rewrite_text
     ("194 â¦ 2-1946", "194 â¦ 2-1946"),  # partial sequence: kept
     ("日本", "日本"),  # not latin-1 at all: kept
     ("â\x80\x9cquoteâ\x80\x9d", "“quote”"),
+    # mixed in one passage (as in the official collection): each double-encoded sequence repaired on its own
+    ("Maktoum (1878â\x80\x931958) (Arabic: سعيد)", "Maktoum (1878–1958) (Arabic: سعيد)"),
+    ("AntonÃ\xadn DvoÅÃ¡k â¦", "Antonín DvoÅák â¦"),  # Å lost its continuation byte: kept, as is â¦
+    ("café donâ\x80\x99t", "café don’t"),  # a legit latin-1 é beside a double-encoded ’
+    ("\xe0\x80\x80 and \xed\xa0\x80 日本", "\xe0\x80\x80 and \xed\xa0\x80 日本"),  # overlong, surrogate: not UTF-8
 ])
 def test_fix_mojibake(text, expected):
     assert formats.fix_mojibake(text) == expected
