@@ -31,7 +31,9 @@ under autocast (no cuDNN attention on a GPU, no flash attention on a CPU: msmarc
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import gc
 import importlib.util
 import json
 import os
@@ -104,7 +106,7 @@ class Meter:
     def __init__(self, model, trainer, device: str):
         self.device = device
         self.fwd = self.bwd = 0.0
-        self.real = self.padded = self.square = self.nonfinite = 0
+        self.real = self.padded = self.square = self.nonfinite = self.rows = 0
         self.step_times: list[float] = []
         self._t = 0.0
         model.register_forward_pre_hook(self._pre, with_kwargs=True)
@@ -231,6 +233,21 @@ def run_config(recipe, mod, cfg, config, a) -> dict:
     trainer, model = make_trainer(recipe, mod, cfg, config, a.device, a.warmup + a.steps, a.seed, a.amp,
                                   a.pad_multiple, a.chunk_cost, dropout, compile_mode, freeze)
     meter = Meter(model, trainer, a.device)
+    pending = collections.deque()  # rows of each batch, in the order the steps take them (accelerate fetches ahead)
+
+    class Counted:
+        """The trainer's collator (its attributes too, which the trainer reads), counting each batch's rows."""
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, features):
+            batch = self.inner(features)
+            pending.append(rows_in(batch))
+            return batch
+    trainer.data_collator = Counted(trainer.data_collator)
 
     class Steps(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -242,16 +259,21 @@ def run_config(recipe, mod, cfg, config, a) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             meter._sync()
+            rows = pending.popleft() if pending else cfg.batch_size
             if state.global_step > a.warmup:
                 meter.step_times.append(time.perf_counter() - self.t)
+                meter.rows += rows
     trainer.add_callback(Steps())
+    gc.collect()  # the previous run's trainer and model (reference cycles) out of this run's peak
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
     reset_peak(a.device)
     trainer.train()
     wall = sum(meter.step_times)
     n = len(meter.step_times)
-    samples = n * cfg.batch_size
+    samples = meter.rows  # not steps x batch size: an epoch's last batch can be short (the bi-encoder's rotation)
     flops = model_flops(model, meter.real, meter.square) / wall
-    out = {"steps": n, "samples_per_s": samples / wall, "real_tokens_per_s": meter.real / wall,
+    out = {"steps": n, "samples": samples, "samples_per_s": samples / wall, "real_tokens_per_s": meter.real / wall,
            "model_tflops_per_s": flops / 1e12, "mfu": flops / (a.peak_tflops * 1e12) if a.peak_tflops else None,
            "nonfinite_losses": meter.nonfinite,
            "padded_per_real": meter.padded / max(1, meter.real),
@@ -289,14 +311,14 @@ def measure(recipe: str, preset: str, a: argparse.Namespace) -> dict:
 
 
 def combine(runs: list[dict]) -> dict:
-    """One configuration's figures over its rounds: rates and times are means, steps and non-finite losses sums,
-    peak memory the highest."""
+    """One configuration's figures over its rounds: rates and times are means; steps, samples and non-finite losses
+    sums; peak memory the highest."""
     out = dict(runs[0])
     if len(runs) == 1:
         return out
     for key, value in out.items():
         values = [r[key] for r in runs]
-        if key in ("steps", "nonfinite_losses"):
+        if key in ("steps", "samples", "nonfinite_losses"):
             out[key] = sum(values)
         elif key == "peak_mib":
             out[key] = max(values)
@@ -328,7 +350,7 @@ def model_flops(model, real_tokens: int, square_lengths: int) -> float:
 def pipeline_rate(trainer, model, recipe: str, config: str, batches: int) -> float:
     """Samples/s of the data pipeline alone on one core: sampler, dataset rows, collation; for the stock
     cross-encoders also the tokenization that their loss does (model.preprocess)."""
-    threads = torch.get_num_threads()
+    threads, parallelism = torch.get_num_threads(), os.environ.get("TOKENIZERS_PARALLELISM")
     torch.set_num_threads(1)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
@@ -341,8 +363,12 @@ def pipeline_rate(trainer, model, recipe: str, config: str, batches: int) -> flo
             if i + 1 >= batches:
                 break
         return n / (time.perf_counter() - t)
-    finally:
+    finally:  # the next configuration or recipe of this process tokenizes as it would alone
         torch.set_num_threads(threads)
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
 
 
 def rows_in(batch: dict) -> int:

@@ -22,7 +22,8 @@ Parts, each timed and guarded (a failure is recorded with its error and the othe
   5. levers   the speed runs of the levers for the launch-bound bi-encoder, last since compiling takes minutes: the
               project's configuration under torch.compile (reduce-overhead: CUDA graphs, lengths rounded to 32),
               and both configurations at batch 256.
-Writes gpu_check.json and gpu_check.md under --out and prints the table.
+Writes gpu_check.json and gpu_check.md under --out (after every part and every speed run) and prints the table. No
+command runs past --deadline (480 s): a part that would is cut or skipped, with what it had.
 """
 from __future__ import annotations
 
@@ -43,9 +44,16 @@ PEAK_TFLOPS = {"bf16": 989.0, "tf32": 494.0, "none": 67.0}  # H100/H200 SXM data
 SCRIPTS = ["train_cross-encoder-v1", "train_cross-encoder-v2", "train_bi-encoder-v2"]
 
 
+DEADLINE = [float("inf")]  # time.time() past which no command starts (main sets it from --deadline)
+
+
 def sh(cmd: list[str], timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command from the repository root; a non-zero exit raises with the end of its output."""
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    """Run a command from the repository root; a non-zero exit raises with the end of its output. No command runs
+    past the check's deadline: one that would start after it is skipped, one that would end after it is cut."""
+    left = DEADLINE[0] - time.time()
+    if left < 15:
+        raise TimeoutError(f"skipped: the check's deadline has passed ({' '.join(cmd[:3])} ...)")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=min(timeout, left),
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -100,6 +108,8 @@ def part_speed(a, work: Path, levers: bool = False) -> dict:
             runs[name] = {**json.loads(out.read_text()), "seconds": round(time.time() - t, 1)}
         except Exception as e:  # noqa: BLE001 - recorded, the other variants still run
             runs[name] = {"error": str(e)[-2000:], "seconds": round(time.time() - t, 1)}
+        if hasattr(a, "save"):
+            a.save(a.part, runs)  # each finished run on disk at once: the window may close in the next one
     return runs
 
 
@@ -133,8 +143,9 @@ def part_scripts(a, work: Path) -> dict:
     for script in (SCRIPTS[:1] if a.dry_run else SCRIPTS):
         t = time.time()
         extra = budget + [length.get(script, "--max_length=48" if a.dry_run else "--max_length=128")]
+        row = {}
         try:
-            row = {"results": run_script(script, work / script, a.device, extra, a.part_timeout)}
+            row["results"] = run_script(script, work / script, a.device, extra, a.part_timeout)
             row["reloaded_dev_test"] = rescore(script, work / script, a.device)
             row["reload_matches"] = all(abs(row["reloaded_dev_test"][m] - row["results"]["dev-test"]["trained"][m])
                                         < 1e-3 for m in ("MRR@10", "nDCG@10"))
@@ -150,8 +161,8 @@ def part_scripts(a, work: Path) -> dict:
                     row["cpu_dev_test"] = cpu["dev-test"]["trained"]
                     row["device_minus_cpu_MRR@10"] = row["results"]["dev-test"]["trained"]["MRR@10"] - \
                         cpu["dev-test"]["trained"]["MRR@10"]
-        except Exception as e:  # noqa: BLE001
-            row = {"error": str(e)[-2000:]}
+        except Exception as e:  # noqa: BLE001 - the figures gathered before the failure are kept beside it
+            row["error"] = str(e)[-2000:]
         row["seconds"] = round(time.time() - t, 1)
         res[script] = row
     return res
@@ -239,7 +250,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "output" / "gpu_check")))
     p.add_argument("--steps", type=int, default=30, help="timed steps per speed configuration")
     p.add_argument("--parts", default="speed,scripts,evaluate,torchrun,levers")
-    p.add_argument("--part_timeout", type=int, default=600, help="seconds for one command of a part")
+    p.add_argument("--part_timeout", type=int, default=240, help="seconds for one command of a part")
+    p.add_argument("--deadline", type=int, default=480, help="seconds after which no command starts or runs on: the "
+                   "window's limit, so that one slow part cannot take the others' figures with it")
     a = p.parse_args(argv)
     import torch
     import transformers
@@ -250,22 +263,31 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
     t0 = time.time()
+    DEADLINE[0] = t0 + a.deadline
     report = {"date": time.strftime("%Y-%m-%d"), "device": a.device, "dry_run": a.dry_run,
               "gpu": torch.cuda.get_device_name() if a.device == "cuda" else "none (CPU dry run)",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "sentence_transformers": sentence_transformers.__version__, "parts": {}}
     parts = {"speed": part_speed, "scripts": part_scripts, "evaluate": part_evaluate, "torchrun": part_torchrun,
              "levers": lambda a, work: part_speed(a, work, levers=True)}
+    def save(part: str | None = None, partial: dict | None = None) -> None:
+        """gpu_check.json and .md as they stand: after every part, and after every speed run (a cut check keeps
+        what it finished)."""
+        if part is not None:
+            report["parts"][part] = partial
+        report["seconds"] = round(time.time() - t0)
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+        (out / "gpu_check.md").write_text(markdown(report))
+    a.save = save
     for name in a.parts.split(","):
         t = time.time()
+        a.part = name
         try:
             report["parts"][name] = parts[name](a, work)
         except Exception:  # noqa: BLE001 - a part's own bug: recorded, the next part runs
             report["parts"][name] = {"error": traceback.format_exc()[-3000:]}
         print(f"{name}: {time.time() - t:.0f} s", flush=True)
-        report["seconds"] = round(time.time() - t0)
-        (out / "gpu_check.json").write_text(json.dumps(report, indent=1))  # after every part: a cut run keeps some
-    (out / "gpu_check.md").write_text(markdown(report))
+        save()
     print(markdown(report))
     shutil.rmtree(work, ignore_errors=True)
     return report
