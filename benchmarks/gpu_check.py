@@ -108,8 +108,7 @@ def part_speed(a, work: Path, levers: bool = False) -> dict:
             runs[name] = {**json.loads(out.read_text()), "seconds": round(time.time() - t, 1)}
         except Exception as e:  # noqa: BLE001 - recorded, the other variants still run
             runs[name] = {"error": str(e)[-2000:], "seconds": round(time.time() - t, 1)}
-        if hasattr(a, "save"):
-            a.save(a.part, runs)  # each finished run on disk at once: the window may close in the next one
+        a.save(a.part, runs)  # each finished run on disk at once: the window may close in the next one
     return runs
 
 
@@ -270,6 +269,7 @@ def main(argv=None) -> dict:
               "sentence_transformers": sentence_transformers.__version__, "parts": {}}
     parts = {"speed": part_speed, "scripts": part_scripts, "evaluate": part_evaluate, "torchrun": part_torchrun,
              "levers": lambda a, work: part_speed(a, work, levers=True)}
+
     def save(part: str | None = None, partial: dict | None = None) -> None:
         """gpu_check.json and .md as they stand: after every part, and after every speed run (a cut check keeps
         what it finished)."""
