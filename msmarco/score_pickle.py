@@ -29,6 +29,7 @@ _PROTOCOL2_NAMES = {f"__builtin__.{n}": f"builtins.{n}" for n in ("dict", "float
 _PROTOCOL2_NAMES["__builtin__.long"] = "builtins.int"
 _DTYPES = {"f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8"}  # numpy scalars read: floats and ints
 _FLOAT = {2: "e", 4: "f", 8: "d"}  # struct codes of float16/32/64
+_MAX_ITEM = 1 << 26  # bytes: no string or bytes item of a score pickle comes near 64 MiB; a longer length is damage
 
 
 class _Global:
@@ -84,6 +85,9 @@ class _PickleStream:
                                 "download it again")
 
     def take(self, n: int) -> bytes:
+        if not 0 <= n <= _MAX_ITEM:  # a corrupt length: negative would step back onto the opcode and loop forever
+            raise DataError(f"{self.path}: an item of {n:,} bytes at byte {self.pos:,} of the stream; the file is "
+                            "corrupt: delete it and download it again")
         self.need(n)
         b = self.buf[self.pos:self.pos + n]
         self.pos += n

@@ -3,6 +3,8 @@ every protocol read back exactly; anything that could run code, and any other sh
 import gzip
 import os
 import pickle
+import signal
+import struct
 from collections import defaultdict
 from pathlib import Path
 
@@ -176,6 +178,25 @@ def test_unpickler_truncated(tmp_path):
     (tmp_path / "cut.pkl.gz").write_bytes(gz[: len(gz) // 2])
     with pytest.raises(errors.DataError, match="truncated"):
         score_pickle.stream_score_pickle(tmp_path / "cut.pkl.gz", lambda *a: None)
+
+
+@pytest.mark.parametrize("op", [b"X", b"B", b"\x8b", b"j"])
+@pytest.mark.parametrize("length", [-5, 2**31 - 1])
+def test_unpickler_corrupt_length(tmp_path, op, length):
+    """A damaged 4-byte length is an error, not a hang (a negative one stepped back onto its own opcode) and not a
+    read of gigabytes."""
+    path = write_pickle(tmp_path / "len.pkl", b"\x80\x04}" + op + struct.pack("<i", length) + b"." * 16)
+
+    def hang(*_):
+        raise TimeoutError("the reader loops")
+    old = signal.signal(signal.SIGALRM, hang)  # a regression loops forever: fail instead of hanging the suite
+    signal.alarm(20)
+    try:
+        with pytest.raises(errors.DataError, match="corrupt|truncated|refuse|unexpected"):
+            score_pickle.stream_score_pickle(path, lambda *a: None)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def big_scores() -> dict:
