@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
                                                                MultipleNegativesRankingLoss)
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
@@ -51,7 +50,7 @@ from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_
 from msmarco.models import compile_args, freeze_unused_pooler, precision_args, resolve_model, set_dropout
 from msmarco.paths import resolve_dir
 from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run
-from msmarco.sampling import SamplerEpoch, no_duplicate_batches
+from msmarco.sampling import SamplerEpoch, SeededBatchSampler, no_duplicate_batches
 from msmarco.stores import Grouped
 
 
@@ -150,7 +149,7 @@ def rotation(positives: Grouped, negatives: Grouped, epochs: int, seed: int) -> 
     return np.concatenate(rows).astype(np.int64)
 
 
-class EpochBlockSampler(DefaultBatchSampler):
+class EpochBlockSampler(SeededBatchSampler):
     """Batches of one epoch's rows only (rows are laid out epoch by epoch), shuffled by seed + epoch, with no
     passage and no query twice in a batch (a repeated passage would be a false in-batch negative)."""
 

@@ -34,7 +34,17 @@ def feistel_order(n: int, seed: int, chunk: int = 1 << 16) -> Iterator[np.ndarra
             yield y[y < n].astype(np.int64)
 
 
-class ShuffledBatchSampler(DefaultBatchSampler):
+class SeededBatchSampler(DefaultBatchSampler):
+    """A batch sampler whose order follows the trainer's seed. sentence-transformers 6.0 hands a single dataset's
+    sampler only `generator`, seeded with args.seed (its `seed` stays 0), so a sampler that read `seed` alone gave
+    every run the same order; here the generator's seed wins when there is one."""
+
+    def __init__(self, dataset, *args, generator=None, seed: int = 0, **kwargs):
+        super().__init__(dataset, *args, generator=generator,
+                         seed=generator.initial_seed() if generator is not None else seed, **kwargs)
+
+
+class ShuffledBatchSampler(SeededBatchSampler):
     """Random batches, reshuffled every epoch from seed + epoch (so a resumed run replays its epoch)."""
 
     def __iter__(self):
@@ -49,11 +59,11 @@ class ShuffledBatchSampler(DefaultBatchSampler):
             yield carry.tolist()
 
 
-def shuffled_batches(dataset, batch_size: int, drop_last: bool, seed: int = 0, **_):
+def shuffled_batches(dataset, batch_size: int, drop_last: bool, seed: int = 0, generator=None, **_):
     """A `batch_sampler=` for the sentence-transformers trainers: random batches of a large dataset, reshuffled
     every epoch, in bounded memory and with no start-up cost (feistel_order). The default, torch's RandomSampler,
     turns a permutation of all rows into a Python list: for v2's 80M rows ~3 GB and ~5 s before the first step."""
-    return ShuffledBatchSampler(dataset, batch_size=batch_size, drop_last=drop_last, seed=seed)
+    return ShuffledBatchSampler(dataset, batch_size=batch_size, drop_last=drop_last, seed=seed, generator=generator)
 
 
 class LengthGroupedBatchSampler(ShuffledBatchSampler):
@@ -96,9 +106,9 @@ class length_grouped_batches:  # noqa: N801 - used like the function shuffled_ba
     def __init__(self, lengths: Callable[[dict], np.ndarray], window: int = 64):
         self.lengths, self.window = lengths, window
 
-    def __call__(self, dataset, batch_size: int, drop_last: bool, seed: int = 0, **_):
+    def __call__(self, dataset, batch_size: int, drop_last: bool, seed: int = 0, generator=None, **_):
         return LengthGroupedBatchSampler(dataset, batch_size=batch_size, drop_last=drop_last, seed=seed,
-                                         lengths=self.lengths, window=self.window)
+                                         generator=generator, lengths=self.lengths, window=self.window)
 
 
 

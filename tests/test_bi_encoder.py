@@ -138,7 +138,7 @@ def test_resumed_sampler_replays_the_same_batches(tmp_path):
 
     def batches(epoch):
         sampler = bi.EpochBlockSampler(ds, batch_size=16, drop_last=False, seed=cfg.seed, rows_per_epoch=n,
-                                       generator=torch.Generator())  # as the trainer builds it
+                                       generator=torch.Generator().manual_seed(cfg.seed))  # as the trainer builds it
         sampler.set_epoch(epoch)
         return list(sampler)
 
@@ -177,7 +177,7 @@ def test_two_processes_split_each_epoch_between_them(tmp_path):
 
     def shard(rank, epoch):
         sampler = bi.EpochBlockSampler(ds, batch_size=8, drop_last=True, seed=cfg.seed, rows_per_epoch=n,
-                                       generator=torch.Generator())
+                                       generator=torch.Generator().manual_seed(cfg.seed))
         sampler.set_epoch(epoch)  # what the Trainer does through the shard wrapper, every epoch
         return list(BatchSamplerShard(sampler, num_processes=2, process_index=rank))
 

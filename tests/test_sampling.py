@@ -62,3 +62,56 @@ def test_the_epoch_reaches_a_sampler_whatever_wraps_it():
     assert sampler.epoch == 3
     sampling.SamplerEpoch().on_epoch_begin(None, SimpleNamespace(epoch=4.0), None, train_dataloader=loader)
     assert sampler.epoch == 4
+
+
+def test_the_trainers_seed_reaches_the_batch_samplers(tmp_path):
+    """The order a training run sees follows its --seed. sentence-transformers hands a single dataset's batch sampler
+    the trainer's seed only inside `generator` (its `seed` argument stays 0): read through the real trainers'
+    dataloaders, as a run builds them, two seeds must give two orders and one seed the same order twice."""
+    import functools
+
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    from msmarco.data import id_dataset
+    from msmarco.models import cross_encoder, resolve_model
+    from test_scripts import load
+
+    class Collator:  # the batches are read from the sampler, never collated
+        valid_label_columns = ["label"]
+
+        def __call__(self, features):
+            return features
+
+    n = 200
+    pairs = id_dataset({"qid": np.arange(n), "pid": np.arange(n), "label": np.zeros(n, np.float32)}, "seed-pairs")
+    triplets = id_dataset({"qid": np.arange(n), "pos": np.arange(n, 2 * n), "neg": np.arange(2 * n, 3 * n)},
+                          "seed-triplets")
+    ce = cross_encoder("offline:all-MiniLM-L6-v2", 32, "mean")
+    transformer = Transformer(resolve_model("offline:all-MiniLM-L6-v2"), max_seq_length=32)
+    st = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")])
+    bi = load("train_bi-encoder-v2")
+    kinds = {
+        "shuffled": lambda seed: CrossEncoderTrainer(model=ce, train_dataset=pairs, data_collator=Collator(),
+                                                     args=CrossEncoderTrainingArguments(
+                                                         output_dir=str(tmp_path), seed=seed, report_to="none",
+                                                         per_device_train_batch_size=10, use_cpu=True,
+                                                         batch_sampler=sampling.shuffled_batches)),
+        "length-grouped": lambda seed: CrossEncoderTrainer(
+            model=ce, train_dataset=pairs, data_collator=Collator(),
+            args=CrossEncoderTrainingArguments(
+                output_dir=str(tmp_path), seed=seed, report_to="none", per_device_train_batch_size=10, use_cpu=True,
+                batch_sampler=sampling.length_grouped_batches(lambda cols: cols["qid"] % 7, window=4))),
+        "bi-encoder epochs": lambda seed: SentenceTransformerTrainer(
+            model=st, train_dataset=triplets, data_collator=Collator(),
+            args=SentenceTransformerTrainingArguments(
+                output_dir=str(tmp_path), seed=seed, report_to="none", per_device_train_batch_size=10, use_cpu=True,
+                batch_sampler=functools.partial(bi.EpochBlockSampler, rows_per_epoch=n))),
+    }
+    for kind, trainer in kinds.items():
+        def order(seed):
+            return list(next(sampling._samplers_in(trainer(seed).get_train_dataloader())))
+        first = order(12)
+        assert first == order(12), kind
+        assert first != order(13), kind
