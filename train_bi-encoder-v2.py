@@ -93,7 +93,7 @@ class Config:
     save_total_limit: int = 2  # checkpoints kept besides the best
     report_to: str = "none"  # also log to tensorboard or wandb (the HF Trainer's report_to; needs that package)
     amp: bool = True  # mixed precision: bf16 on GPUs with native bf16 and CPUs with AMX, fp16 on older GPUs (V100, T4)
-    seed: int = 12  # negative order, data order, held-out query choice; the triples sample with negatives=triples
+    seed: int = 12  # negative pairing, data order, dropout; the triples sample with negatives=triples
     resume: bool = True  # continue from the newest checkpoint of output/train_bi-encoder-v2
     output_dir: str = "output/train_bi-encoder-v2"  # relative to the repository
 

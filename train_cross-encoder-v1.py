@@ -83,7 +83,7 @@ class Config:
     save_total_limit: int = 2  # checkpoints kept besides the best
     report_to: str = "none"  # also log to tensorboard or wandb (the HF Trainer's report_to; needs that package)
     amp: bool = True  # mixed precision: bf16 on GPUs with native bf16 and CPUs with AMX, fp16 on older GPUs (V100, T4)
-    seed: int = 12  # triples sample (a new seed: a new one-time pass), data order, head init, held-out queries
+    seed: int = 12  # triples sample (a new seed: a new one-time pass), data order, head init
     resume: bool = True  # continue from the newest checkpoint of output/train_cross-encoder-v1
     output_dir: str = "output/train_cross-encoder-v1"  # relative to the repository
 

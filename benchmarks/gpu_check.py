@@ -125,7 +125,7 @@ def rescore(script: str, out: Path, device: str) -> dict:
     from msmarco.evaluation import RerankEvaluator, bi_encoder_run, cross_encoder_run, load_rerank_set
     cfg = json.loads((out / "config.json").read_text())
     rs = load_rerank_set(MSMarco(cfg["data_dir"]), "dev-test", cfg["eval_queries"], cfg["eval_candidates"] or None,
-                         cfg["first_stage"], cfg["seed"])
+                         cfg["first_stage"])
     if script.startswith("train_bi"):
         from sentence_transformers import SentenceTransformer
         return RerankEvaluator(rs, bi_encoder_run).metrics(SentenceTransformer(str(out / "model"), device=device))

@@ -77,7 +77,7 @@ def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None
     the candidates are the run's top `max_candidates` in its order. Without it they are the split's official
     candidate file (top1000.dev, the DL top-1000), all of them: those files list each query's candidates in no
     particular order, so a prefix of them would be an arbitrary subset. `max_queries` takes a seeded random subset,
-    sorted by qid. Queries without candidates are left out (they would score 0 for every system)."""
+    sorted by qid (the training scripts keep seed 0: runs of different seeds are compared on the same queries). Queries without candidates are left out (they would score 0 for every system)."""
     base = split.split("-")[0]
     if base == "dev":
         queries, qrels_int, official = data.queries("dev"), data.qrels("dev"), data.dev_candidates
@@ -116,8 +116,8 @@ def evaluation_sets(data: "MSMarco", cfg) -> tuple[RerankSet, list[RerankSet]]:
     choose the checkpoint; and the sets of the final report, which decide nothing: as many dev-test queries and
     every judged query of cfg.report_splits (TREC DL years; those missing from the bundled sample are skipped).
     Candidates: cfg.first_stage's top cfg.eval_candidates, or the official candidate files (load_rerank_set)."""
-    def load(split: str, max_queries: int | None) -> RerankSet:
-        return load_rerank_set(data, split, max_queries, cfg.eval_candidates or None, cfg.first_stage, cfg.seed)
+    def load(split: str, max_queries: int | None) -> RerankSet:  # the same queries whatever the training seed
+        return load_rerank_set(data, split, max_queries, cfg.eval_candidates or None, cfg.first_stage)
     reports = [load("dev-test", cfg.eval_queries)]
     reports += [load(s, None) for s in cfg.report_splits if available(data.dir, s)]
     return load("dev-tune", cfg.eval_queries), reports
@@ -188,13 +188,21 @@ class RerankEvaluator(BaseEvaluator):
         self.primary_metric = "MRR@10"
 
     def metrics(self, model) -> dict[str, float]:
-        """MRR@10 and nDCG@10 of the model's reranking (names without the evaluator's prefix)."""
+        """MRR@10 and nDCG@10 of the model's reranking (names without the evaluator's prefix), in fp32: under
+        mixed precision the trainer (accelerate) wraps the model's forward in autocast in place, which rounds a
+        cross-encoder's logits to bf16's grid (steps of 0.03-0.06 at logits 4-16) and ties close candidates, so the
+        checkpoint would be chosen on ties broken by pid."""
         was_training = model.training
+        wrapped = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
         model.eval()
+        if wrapped is not None:
+            model.forward = model._original_forward
         try:
             return rerank_metrics(rerank_run(self.scorer, model, self.rs, self.batch_size), self.rs)
         finally:
             model.train(was_training)
+            if wrapped is not None:
+                model.forward = wrapped
 
     def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
         metrics = self.prefix_name_to_metrics(self.metrics(model), self.name)

@@ -209,6 +209,33 @@ def test_retrieval_scores_are_fp32_under_mixed_precision(models, monkeypatch):
     fp32 = real(model, rs.queries, rs.qids, coll, 20, 32)  # outside any autocast
     assert all(seen[-1][q] == pytest.approx(fp32[q], abs=1e-6) for q in fp32)
 
+def test_checkpoints_are_chosen_on_fp32_scores_under_mixed_precision(models):
+    """The trainer (accelerate) wraps a model's forward in bf16 autocast in place, so the evaluator that picks the
+    best checkpoint got logits on bf16's grid, tied (then broken by pid). It scores with the unwrapped forward, and
+    leaves the trainer's wrapper in place for the next training step."""
+    import torch
+    from accelerate import Accelerator
+    from sentence_transformers import CrossEncoder
+    model = CrossEncoder(str(models["ce"]), device="cpu")
+    with torch.no_grad():  # a spread of logits as a trained head gives (4-16), where bf16 steps by 0.03-0.06
+        model.model.classifier.weight.mul_(200.0)
+    rs = evaluation.load_rerank_set(MSMarco(SAMPLE), "dl2020", 8, 20, str(SAMPLE / "runs" / "bm25"), 0)
+    fp32 = evaluation.cross_encoder_run(model, rs)
+    scored = []
+
+    def scorer(m, r, batch_size):
+        scored.append(evaluation.cross_encoder_run(m, r, batch_size))
+        return scored[-1]
+    prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    wrapped = prepared.forward
+    assert "_original_forward" in prepared.__dict__  # what the trainer's model carries while it trains
+    bf16 = evaluation.cross_encoder_run(prepared, rs)
+    assert any(abs(bf16[q][p] - fp32[q][p]) > 1e-3 for q in fp32 for p in fp32[q])  # the wrapper rounds
+    evaluation.RerankEvaluator(rs, scorer).metrics(prepared)
+    assert all(scored[-1][q][p] == pytest.approx(fp32[q][p], abs=1e-5) for q in fp32 for p in fp32[q])
+    assert prepared.forward == wrapped  # training goes on under its autocast
+
+
 def test_cross_encoder_rerank_matches_ir_measures(models, tmp_path):
     report = evaluate.main(_cfg(models["ce"], tmp_path, depth=20))
     assert report["model_type"] == "cross-encoder"
