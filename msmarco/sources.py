@@ -1,5 +1,6 @@
 """Every file the recipes use, in one table (`SOURCES`: today's URLs, mirrors, published sizes and md5 sums), and the
-download that gets them: resumable (HTTP Range), retried with backoff, verified, renamed into place only when complete.
+download that gets them: resumable (HTTP Range, with If-Range so a file changed upstream is fetched anew), retried
+with backoff while it makes no progress, verified, renamed into place only when complete.
 Offline, a download fails with the URL and how to place the file by hand."""
 from __future__ import annotations
 
@@ -112,13 +113,28 @@ def _manual_hint(url: str, dest: Path) -> str:
             f"(the rename only after curl finishes: a file at {dest} counts as complete)")
 
 
+def _validator_file(part: Path) -> Path:
+    """Where the server's version tag (a strong ETag, else Last-Modified) of a partial download is kept: a resume
+    sends it as If-Range, so bytes of a file that changed upstream are never appended to the old ones."""
+    return part.with_name(part.name + ".validator")
+
+
+def _discard(part: Path) -> None:
+    """Drop a partial download and its version tag: the next request starts from byte 0."""
+    part.unlink(missing_ok=True)
+    _validator_file(part).unlink(missing_ok=True)
+
+
 def _fetch_once(url: str, part: Path, timeout: float, chunk_size: int,
                 size: int | None, desc: str) -> None:
     """One HTTP request that appends to ``part``; raises on anything incomplete."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": _USER_AGENT}
+    validator = _validator_file(part)
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if validator.exists():  # the server answers 200 (the whole new file) if its version changed
+            headers["If-Range"] = validator.read_text().strip()
     req = urllib.request.Request(url, headers=headers)
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
@@ -131,7 +147,7 @@ def _fetch_once(url: str, part: Path, timeout: float, chunk_size: int,
         full = size if size is not None else (int(m.group(1)) if m else None)
         if full is not None and offset == full:
             return
-        part.unlink(missing_ok=True)  # part is longer than the file or unknown: start over
+        _discard(part)  # part is longer than the file or unknown: start over
         raise _Transient(f"HTTP 416 with {offset} bytes already present; restarting")
 
     with resp:
@@ -142,15 +158,21 @@ def _fetch_once(url: str, part: Path, timeout: float, chunk_size: int,
             m = re.match(r"bytes (\d+)-\d+/(\d+|\*)", resp.headers.get("Content-Range", ""))
             if not m or int(m.group(1)) != offset:
                 raise _Transient(f"bad Content-Range {resp.headers.get('Content-Range')!r}")
-            if total is None and m.group(2) != "*":
-                total = int(m.group(2))
+            served = int(m.group(2)) if m.group(2) != "*" else None  # the file's length, as the server has it
+            total = total if total is not None else served
             mode = "ab"
         else:
-            # 200 to a Range request: server has no range support, the body is the
-            # whole file, so appending would corrupt it. Start from zero.
-            offset, mode = 0, "wb"
+            # 200 to a Range request: the server has no range support, or the file changed (If-Range); the body
+            # is the whole file, so appending would corrupt it. Start from zero.
+            offset, mode, served = 0, "wb", expected
             if total is None and expected is not None:
                 total = expected
+            etag = resp.headers.get("ETag") or ""
+            tag = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")  # If-Range
+            if tag:  # takes no weak ETag
+                validator.write_text(tag + "\n")
+            else:
+                validator.unlink(missing_ok=True)
         received = 0
         with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                          unit_divisor=1024, desc=desc) as bar:
@@ -169,6 +191,9 @@ def _fetch_once(url: str, part: Path, timeout: float, chunk_size: int,
     # http.client may just return b"" when the peer closes early, so compare ourselves.
     if expected is not None and received < expected:
         raise _Transient(f"connection closed after {received} of {expected} bytes")
+    have = part.stat().st_size
+    if served is not None and have < served:  # a complete reply to a range that stopped short of the end
+        raise _Transient(f"the reply ended at byte {have:,} of {served:,}")
 
 
 def _verify(url: str, dest: Path, part: Path, size: int | None, md5: str | None,
@@ -188,7 +213,7 @@ def _verify(url: str, dest: Path, part: Path, size: int | None, md5: str | None,
             if want and hashers[name].hexdigest() != want.lower():
                 problems.append(f"{name}: expected {want.lower()}, got {hashers[name].hexdigest()}")
     if problems:
-        part.unlink(missing_ok=True)
+        _discard(part)
         raise DownloadError(f"downloaded file from {url} is corrupt ({'; '.join(problems)}). "
                             f"Retry, or place a correct file by hand: {_manual_hint(url, dest)}")
 
@@ -201,8 +226,8 @@ def download(url: str, dest: Path, *, size: int | None = None, md5: str | None =
     Data goes to ``dest.name + ".part"`` next to ``dest`` and is renamed atomically only
     once complete and verified, so an existing ``dest`` is always whole (and is returned
     as-is). An existing ``.part`` is resumed with a Range request. Transient failures
-    (connection errors, timeouts, 5xx, 408/429, short reads) are retried ``retries`` times
-    with backoff ``backoff * 2**i`` seconds (at most 60). Raises :class:`DownloadError`
+    (connection errors, timeouts, 5xx, 408/429, short reads) are retried up to ``retries`` times in a
+    row without progress, with backoff ``backoff * 2**i`` seconds (at most 60). Raises :class:`DownloadError`
     on permanent failure or a size/md5/sha256 mismatch.
     """
     dest = Path(dest)
@@ -211,13 +236,16 @@ def download(url: str, dest: Path, *, size: int | None = None, md5: str | None =
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     if size is not None and part.exists() and part.stat().st_size > size:
-        part.unlink()  # longer than the file can be: never resumable
+        _discard(part)  # longer than the file can be: never resumable
 
     last_err: str = "unknown error"
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(min(backoff * 2 ** (attempt - 1), 60.0))
-        if size is not None and part.exists() and part.stat().st_size == size:
+    failures = 0  # in a row without progress: a connection that drops every few MB still gets the whole file
+    furthest = part.stat().st_size if part.exists() else 0  # progress means bytes past this, not a restart's
+    while True:
+        if failures:
+            time.sleep(min(backoff * 2 ** (failures - 1), 60.0))
+        have = part.stat().st_size if part.exists() else 0
+        if size is not None and have == size:
             break  # a previous run got every byte; just verify
         try:
             _fetch_once(url, part, timeout, chunk_size, size, desc or dest.name)
@@ -226,19 +254,22 @@ def download(url: str, dest: Path, *, size: int | None = None, md5: str | None =
             last_err = f"HTTP {e.code} {e.reason}"
             if 400 <= e.code < 500 and e.code not in (408, 429):
                 if e.code in (404, 410):
-                    part.unlink(missing_ok=True)  # the resource is gone; the part is stale
+                    _discard(part)  # the resource is gone; the part is stale
                 raise DownloadError(f"could not download {url}: {last_err}; the link is dead "
                                     f"or offline. {_manual_hint(url, dest)}") from e
         except urllib.error.URLError as e:  # DNS failure, refused, no network
             last_err = f"{type(e.reason).__name__}: {e.reason}"
         except (_Transient, http.client.HTTPException, OSError) as e:  # timeouts, resets
             last_err = f"{type(e).__name__}: {e}"
-    else:
-        # Keep the .part: the next run resumes from it.
-        raise DownloadError(f"could not download {url} after {retries + 1} attempts "
-                            f"(last error: {last_err}); the server may be offline or the link "
-                            f"dead. {_manual_hint(url, dest)}")
+        now = part.stat().st_size if part.exists() else 0
+        failures = 1 if now > furthest else failures + 1
+        furthest = max(furthest, now)
+        if failures > retries:  # keep the .part: the next run resumes from it
+            raise DownloadError(f"could not download {url} after {retries + 1} attempts in a row without "
+                                f"progress (last error: {last_err}); the server may be offline or the link "
+                                f"dead. {_manual_hint(url, dest)}")
 
     _verify(url, dest, part, size, md5, sha256, chunk_size)
     os.replace(part, dest)  # atomic: dest never exists half-written
+    _validator_file(part).unlink(missing_ok=True)
     return dest

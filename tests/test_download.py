@@ -31,6 +31,9 @@ class Server:
         self.fail_times = 0  # answer 503 this many times first
         self.ignore_range = False
         self.chunked_cut: int | None = None  # once: chunked body, cut after N bytes
+        self.cut_every: int | None = None  # close the socket after N body bytes, every time
+        self.range_cap: int | None = None  # answer a Range request with at most N bytes (a complete 206 reply)
+        self.etag: str | None = None  # the file's version: sent as ETag; an If-Range naming another gets a 200
         self.requests: list[dict] = []  # headers of each request
         self.served: list[int] = []  # body bytes sent per request
         outer = self
@@ -64,7 +67,8 @@ class Server:
                     return
                 start = 0
                 m = re.match(r"bytes=(\d+)-$", self.headers.get("Range", ""))
-                if m and not outer.ignore_range:
+                if_range = self.headers.get("If-Range")
+                if m and not outer.ignore_range and (if_range is None or if_range == outer.etag):
                     start = int(m.group(1))
                     if start >= len(data):
                         outer.served.append(0)
@@ -73,15 +77,20 @@ class Server:
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
+                    end = len(data) if outer.range_cap is None else min(len(data), start + outer.range_cap)
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
                 else:
+                    end = len(data)
                     self.send_response(200)
-                body = data[start:]
+                body = data[start:end]
                 self.send_header("Content-Length", str(len(body)))  # always the full length
+                if outer.etag:
+                    self.send_header("ETag", outer.etag)
                 self.end_headers()
-                if outer.cut_after is not None:
-                    n, outer.cut_after = outer.cut_after, None
+                if outer.cut_after is not None or (outer.cut_every is not None and len(body) > outer.cut_every):
+                    n = outer.cut_after if outer.cut_after is not None else outer.cut_every
+                    outer.cut_after = None
                     outer.served.append(n)
                     self.wfile.write(body[:n])
                     self.wfile.flush()
@@ -269,3 +278,40 @@ def test_connection_refused(tmp_path):
     assert url in str(ei.value)
     assert "curl -L -C - -o" in str(ei.value)
     assert not dest.exists()
+
+
+def test_short_range_replies_are_continued(server, tmp_path):
+    """A server (or proxy) may answer a range with less than the rest of the file, as a complete 206 reply: the
+    download goes on from where it ended, also when no size is published (the Hugging Face files)."""
+    server.range_cap = MB
+    dest = tmp_path / "file.bin"
+    _part(dest).write_bytes(PAYLOAD[:MB // 2])
+    download(server.url, dest, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.served == [MB, MB, MB // 2]
+
+
+def test_a_connection_that_keeps_dropping_still_completes(server, tmp_path):
+    """Each retry that got more bytes resets the count of failures: only attempts in a row without progress end
+    the download."""
+    server.cut_every = 256 * 1024  # 12 connections for the 3 MiB
+    dest = tmp_path / "file.bin"
+    download(server.url, dest, size=len(PAYLOAD), md5=hashlib.md5(PAYLOAD).hexdigest(), **FAST)  # 3 retries
+    assert dest.read_bytes() == PAYLOAD
+    assert len(server.requests) == 12
+
+
+def test_a_file_changed_upstream_is_not_spliced(server, tmp_path):
+    """The server's ETag is kept beside the part and sent as If-Range: when the file changed between two runs the
+    server sends the whole new file, which replaces the old part instead of being appended to it."""
+    server.etag, server.cut_after = '"v1"', MB
+    dest = tmp_path / "file.bin"
+    with pytest.raises(DownloadError):
+        download(server.url, dest, retries=0, backoff=0.01)  # a first run, cut after 1 MiB
+    assert _part(dest).read_bytes() == PAYLOAD[:MB]
+    new = os.urandom(len(PAYLOAD))
+    server.payload, server.etag = new, '"v2"'
+    download(server.url, dest, **FAST)
+    assert server.requests[-1]["Range"] == f"bytes={MB}-" and server.requests[-1]["If-Range"] == '"v1"'
+    assert dest.read_bytes() == new
+    assert not _part(dest).exists() and not (tmp_path / "file.bin.part.validator").exists()
