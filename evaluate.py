@@ -293,7 +293,7 @@ def main(cfg: Config) -> dict:
     out = paths.resolve_dir(cfg.output_dir or paths.OUTPUT_DIR / "evaluate" / label)
     save_config(cfg, out)
     data = MSMarco(cfg.data_dir)
-    is_sample = data.dir.resolve() == paths.SAMPLE_DIR.resolve()
+    is_sample = paths.is_sample(data.dir)
     if kind == "bi-encoder" and cfg.run_file:
         raise SystemExit("error: --run_file gives candidates for a cross-encoder to rerank; a bi-encoder retrieves "
                          "from the whole collection")

@@ -23,9 +23,20 @@ def resolve_dir(path: str | Path) -> Path:
     return p if p.is_absolute() else (REPO / p)
 
 
+SAMPLE_TITLE = "# Bundled miniature MS MARCO"  # first line of the sample's README.md (scripts/build_sample.py)
+
+
 def is_sample(data_dir: str | Path) -> bool:
-    """Whether a data folder is the bundled miniature (whose files are smaller than the published ones)."""
-    return resolve_dir(data_dir).resolve() == SAMPLE_DIR.resolve()
+    """Whether a data folder is the bundled miniature (whose files are smaller than the published ones): data/sample,
+    or a copy of it (its README.md comes along), e.g. a writable one for a read-only checkout."""
+    d = resolve_dir(data_dir)
+    if d.resolve() == SAMPLE_DIR.resolve():
+        return True
+    try:
+        with open(d / "README.md", encoding="utf-8") as f:
+            return f.readline().startswith(SAMPLE_TITLE)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

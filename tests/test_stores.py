@@ -191,6 +191,18 @@ def test_built_stores_are_read_without_writing_and_an_unwritable_folder_is_a_cle
         MSMarco(copy).queries("dev")
 
 
+def test_a_copy_of_the_sample_is_the_sample(tmp_path):
+    """The advice for a read-only checkout is a writable copy of the data folder: a copy of data/sample is still the
+    bundled sample (its files are smaller than the published ones, and it has no DL 2019), not a full-size folder
+    whose files would be taken for incomplete downloads."""
+    from msmarco import evaluation
+    copy = tmp_path / "my-sample"
+    shutil.copytree(SAMPLE, copy, ignore=shutil.ignore_patterns(paths.PREPARED))
+    assert paths.is_sample(copy) and not paths.is_sample(tmp_path)
+    assert MSMarco(copy).qrels("train") == MSMarco(SAMPLE).qrels("train")  # no "incomplete download" error
+    assert not evaluation.available(copy, "dl2019") and evaluation.available(copy, "dl2020")
+
+
 def test_cache_rebuilt_for_old_store_version(copy, monkeypatch):
     MSMarco(copy).collection()
     meta = copy / paths.PREPARED / "collection" / "meta.json"
