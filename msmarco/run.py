@@ -15,12 +15,13 @@ from .distributed import barrier, init_distributed, is_main_process, main_proces
 from .errors import OutputFolderError
 
 
-def save_config(cfg, out_dir: Path) -> Path:
-    """Write the config a run used beside its outputs, so a result can be traced to its settings."""
+def save_config(cfg, out_dir: Path, **run) -> Path:
+    """Write the config a run used beside its outputs, so a result can be traced to its settings (and `run`: facts
+    of the run that are not config fields, such as its number of processes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "config.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps({**dataclasses.asdict(cfg), **run}, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -116,14 +117,15 @@ RESUMABLE_CHANGES = frozenset({"resume", "output_dir", "report_to", "logging_ste
                                "report_splits", "retrieval_eval", "retrieval_k", "retrieval_every_eval"})
 
 
-def config_changes(cfg, out_dir: Path) -> dict:
+def config_changes(cfg, out_dir: Path, world_size: int = 1) -> dict:
     """{field: (saved value, new value)} for the fields of `cfg` that differ from out_dir/config.json and that a
-    resumed run may not change ({} without a saved config)."""
+    resumed run may not change ({} without a saved config). The number of processes counts as one: the batch size
+    is per process, so another number changes the steps of an epoch, where a resume skips to and the schedule."""
     path = out_dir / "config.json"
     if not path.exists():
         return {}
-    saved = json.loads(path.read_text())
-    new = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))  # tuples as lists, as saved
+    saved = {"world_size": 1, **json.loads(path.read_text())}  # a config saved without it: one process
+    new = json.loads(json.dumps({**dataclasses.asdict(cfg), "world_size": world_size}, default=str))  # tuples: lists
     return {k: (saved.get(k), v) for k, v in new.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
 
 
@@ -135,11 +137,12 @@ def start_run(cfg, out: Path) -> str | None:
     one; a cut run with another config ends the script (exit code 1) with the changed fields, so a mistyped flag
     never continues a run under settings it did not train with. Under a launcher it joins the process group;
     only the main process touches the folder."""
-    init_distributed()
+    _, world = init_distributed()
     checkpoint = last_checkpoint(out / "checkpoints") if cfg.resume else None
-    changes = config_changes(cfg, out) if checkpoint else {}
+    changes = config_changes(cfg, out, world) if checkpoint else {}
     if changes and not (out / "results.json").exists():
-        listed = "\n".join(f"  --{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        listed = "\n".join(f"  {'processes' if k == 'world_size' else '--' + k}: {old!r} -> {new!r}"
+                           for k, (old, new) in changes.items())
         raise OutputFolderError(f"{out} holds a cut run ({Path(checkpoint).name}) with another config:\n{listed}\n"
                                 f"Rerun with its options to resume it, add --resume=false to replace it with this "
                                 f"run, or pass --output_dir=<another folder> to keep both.")
@@ -156,7 +159,7 @@ def start_run(cfg, out: Path) -> str | None:
             else:
                 print(f"resuming from {checkpoint}")
             (out / "results.json").unlink(missing_ok=True)  # the figures of a run that is no longer the folder's
-            save_config(cfg, out)
+            save_config(cfg, out, world_size=world)
     return checkpoint
 
 

@@ -136,7 +136,7 @@ def test_resume_continues_from_checkpoint(name, tiny_runs, tmp_path, capsys):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
-def test_a_cut_run_refuses_another_config_and_a_finished_one_is_replaced(tiny_runs, tmp_path):
+def test_a_cut_run_refuses_another_config_and_a_finished_one_is_replaced(tiny_runs, tmp_path, monkeypatch):
     """A cut run met with other training options ends with the changed fields named (resumed, its restored optimizer
     and schedule would ignore a new --lr), leaving the folder as it was; options that only say where to write and
     what to report may change. A finished run (results.json) is replaced by a run with another config."""
@@ -156,6 +156,12 @@ def test_a_cut_run_refuses_another_config_and_a_finished_one_is_replaced(tiny_ru
     assert (cut / "config.json").read_text() == saved and (cut / "checkpoints" / "checkpoint-2").is_dir()
     reporting = config.parse_cli(cfg, [f"--output_dir={cut}", "--logging_steps=5", "--report_to=none"])
     assert run.start_run(reporting, cut).endswith("checkpoint-2")
+    # the batch size is per process: the same options under another number of processes are another run
+    with monkeypatch.context() as m:
+        m.setattr(run, "init_distributed", lambda: (0, 2))
+        with pytest.raises(errors.OutputFolderError, match="processes: 1 -> 2"):
+            run.start_run(reporting, cut)
+    assert json.loads((cut / "config.json").read_text())["world_size"] == 1
     assert run.start_run(config.parse_cli(other, ["--resume=false"]), cut) is None  # replaced on request
     assert not (cut / "checkpoints").exists()
 
