@@ -29,6 +29,7 @@ results.json). Rerunning the same command resumes from the newest checkpoint.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import partial
 
@@ -50,7 +51,7 @@ from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_
 from msmarco.models import compile_args, freeze_unused_pooler, precision_args, resolve_model, set_dropout
 from msmarco.paths import resolve_dir
 from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run
-from msmarco.sampling import SamplerEpoch, SeededBatchSampler, no_duplicate_batches
+from msmarco.sampling import SamplerEpoch, SeededBatchSampler, no_duplicate_batches, top_up
 from msmarco.stores import Grouped
 
 
@@ -160,9 +161,18 @@ class EpochBlockSampler(SeededBatchSampler):
         self.ids = np.stack([-1 - cols["qid"].astype(np.int64), cols["pos"], cols["neg"]], 1)  # queries < 0
 
     def __iter__(self):
+        """Exactly len(self) batches, every epoch: the Trainer counts an epoch's steps once, and a short count
+        would leave max_steps (the final evaluation and save) unreached. Rows that clash near the end of an epoch
+        could make an extra short batch: one that is not allowed to be short is topped up with other rows of the
+        epoch (a few rows twice, rather than a batch short under DDP, where every process's batch has one size)."""
         lo = (self.epoch % self.blocks) * self.rows_per_epoch  # epochs past the rotation's repeat it
         order = lo + np.random.default_rng([self.seed, self.epoch]).permutation(self.rows_per_epoch)
-        yield from no_duplicate_batches(order, self.ids, self.batch_size, self.drop_last)
+        n = len(self)
+        batches = no_duplicate_batches(order, self.ids, self.batch_size, drop_last=False)  # >= n batches
+        for i, batch in enumerate(itertools.islice(batches, n)):
+            if len(batch) < self.batch_size and (self.drop_last or i < n - 1):
+                batch = top_up(batch, order, self.ids, self.batch_size)
+            yield batch
 
     def __len__(self) -> int:
         n = self.rows_per_epoch

@@ -116,7 +116,8 @@ def no_duplicate_batches(order: np.ndarray, ids: np.ndarray, batch_size: int, dr
     """Batches of the rows `order`, in that order, with no value of `ids` (one row of ids per dataset row) twice in
     a batch: a row that would repeat one waits for a later batch, as in sentence-transformers'
     NoDuplicatesBatchSampler; here on integer ids held in an array (that sampler reads every row through the
-    dataset, ~100 us a row: more than building the batch costs)."""
+    dataset, ~100 us a row: more than building the batch costs). Every row is placed: near the end, rows that
+    clash with each other make more than one short batch (all dropped with drop_last)."""
     nxt = np.append(np.arange(1, len(order)), -1)  # linked list over the rows still to place
     head = 0 if len(order) else -1
     while head != -1:
@@ -137,8 +138,20 @@ def no_duplicate_batches(order: np.ndarray, ids: np.ndarray, batch_size: int, dr
             cur = following
         if len(batch) == batch_size or (batch and not drop_last):
             yield batch
-        if len(batch) < batch_size:
-            return
+
+
+def top_up(batch: list[int], pool: np.ndarray, ids: np.ndarray, batch_size: int) -> list[int]:
+    """`batch` filled to `batch_size` with rows of `pool`, in its order, that repeat no id of the batch (rows it
+    already has excluded); shorter if the pool has too few."""
+    batch, seen = list(batch), {v for row in batch for v in ids[row].tolist()}
+    for row in pool.tolist():
+        if len(batch) == batch_size:
+            break
+        values = ids[row].tolist()
+        if row not in batch and seen.isdisjoint(values):
+            batch.append(row)
+            seen.update(values)
+    return batch
 
 def _samplers_in(loader, depth: int = 5) -> Iterator[DefaultBatchSampler]:
     """Batch samplers reachable from a dataloader through the wrappers accelerate puts around them."""

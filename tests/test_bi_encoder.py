@@ -151,6 +151,32 @@ def test_resumed_sampler_replays_the_same_batches(tmp_path):
         assert len(ids) == len(set(ids))
 
 
+def test_every_epoch_has_as_many_batches_as_the_sampler_says(tmp_path):
+    """The Trainer counts an epoch's steps once, from len(sampler): an epoch that yields fewer (rows that clash near
+    its end used to end it early) leaves max_steps, and with it the final evaluation and save, unreached. Every batch
+    size, every epoch: exactly len() batches, no query or passage twice in a batch, full batches under drop_last (as
+    under DDP), and each row of the epoch trained on."""
+    _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
+    positives, negatives = bi.training_queries(MSMarco(cfg.data_dir), cfg)
+    n = len(positives)
+    ds = bi.training_triplets(bi.rotation(positives, negatives, 4, cfg.seed))
+    ids = {c: ds.data.table.column(c).to_numpy() for c in ("qid", "pos", "neg")}
+    for batch_size in range(2, n):  # (at n, one epoch in one batch, two clashing rows cannot both be in it)
+        for drop_last in (False, True):
+            sampler = bi.EpochBlockSampler(ds, batch_size=batch_size, drop_last=drop_last, seed=cfg.seed,
+                                           rows_per_epoch=n)
+            for epoch in range(4):
+                sampler.set_epoch(epoch)
+                batches = list(sampler)
+                assert len(batches) == len(sampler), (batch_size, drop_last, epoch)
+                for b in batches:
+                    texts = [-1 - ids["qid"][i] for i in b] + [ids[c][i] for c in ("pos", "neg") for i in b]
+                    assert len(texts) == len(set(texts)) and all(epoch * n <= i < (epoch + 1) * n for i in b)
+                assert not drop_last or all(len(b) == batch_size for b in batches)
+                rows = {i for b in batches for i in b}
+                assert len(rows) >= (n // batch_size * batch_size if drop_last else n) - batch_size // 8
+
+
 def test_bm25_triples_source_groups_the_triples_by_query(tmp_path):
     _, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--negatives=triples", "--max_triples=500")
     data = MSMarco(cfg.data_dir)
