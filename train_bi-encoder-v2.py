@@ -50,7 +50,7 @@ from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_
                                 rerank_table)
 from msmarco.models import compile_args, freeze_unused_pooler, precision_args, resolve_model, set_dropout
 from msmarco.paths import resolve_dir
-from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run
+from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run, train_from
 from msmarco.sampling import SamplerEpoch, SeededBatchSampler, no_duplicate_batches, top_up
 from msmarco.stores import Grouped
 
@@ -256,7 +256,7 @@ def main(cfg: Config) -> dict:
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=during,
                                          data_collator=batches,
                                          callbacks=[metric_history(out / "metrics.jsonl"), SamplerEpoch()])
-    trainer.train(resume_from_checkpoint=checkpoint)
+    train_from(trainer, checkpoint)  # trainer.train(resume_from_checkpoint=...), minus a step past --max_steps
 
     # 6. Save the best model where stock SentenceTransformer(path) loads it, and evaluate that saved model.
     trained = SentenceTransformer(str(save_model(trainer, model, out)))

@@ -43,7 +43,8 @@ from msmarco.errors import user_errors
 from msmarco.evaluation import RerankEvaluator, cross_encoder_run, evaluation_sets, rerank_table
 from msmarco.models import compile_args, cross_encoder, head_bias, precision_args
 from msmarco.paths import resolve_dir
-from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run, teacher_description
+from msmarco.run import (baseline_metrics, merge, metric_history, report, save_model, start_run, teacher_description,
+                         train_from)
 from msmarco.sampling import SamplerEpoch, length_grouped_batches
 
 
@@ -191,7 +192,7 @@ def main(cfg: Config) -> dict:
         report_to=cfg.report_to, ddp_find_unused_parameters=False)
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
                                   data_collator=batches, callbacks=[metric_history(out / "metrics.jsonl"), SamplerEpoch()])
-    trainer.train(resume_from_checkpoint=checkpoint)
+    train_from(trainer, checkpoint)  # trainer.train(resume_from_checkpoint=...), minus a step past --max_steps
 
     # 6. Save the best student where stock CrossEncoder(path) loads it; evaluate that saved model (ranking and
     #    teacher fit).

@@ -163,6 +163,22 @@ def start_run(cfg, out: Path) -> str | None:
     return checkpoint
 
 
+def train_from(trainer, checkpoint: str | None) -> None:
+    """trainer.train(resume_from_checkpoint=checkpoint), except when the checkpoint already holds the whole run
+    (a finished run rerun, or one cut in its final evaluation): with --max_steps inside an epoch the HF loop would
+    still take one more step there (it checks max_steps only after a step), adding a checkpoint, an evaluation and
+    a history row per rerun. Then only the best checkpoint is loaded, as training's end would have."""
+    if checkpoint is not None and trainer.args.max_steps > 0:
+        from transformers import TrainerState
+        state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        if state.global_step >= trainer.args.max_steps:
+            trainer.state = state
+            if state.best_model_checkpoint is not None:
+                trainer._load_best_model()  # the trainer's own end-of-training load (sentence-transformers')
+            return
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+
 def baseline_metrics(out: Path, compute: Callable[[], dict], curve_set: str) -> dict:
     """Metrics before training (the first stage's order, the untrained model), computed once per run and kept for
     resumes. The step-0 record of metrics.jsonl gets the untrained model's metrics on `curve_set` (the set of the

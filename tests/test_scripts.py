@@ -174,6 +174,24 @@ def test_a_cut_run_refuses_another_config_and_a_finished_one_is_replaced(tiny_ru
     assert json.loads((done / "config.json").read_text())["lr"] == 7e-6
 
 
+def test_rerunning_a_finished_run_trains_no_step_past_max_steps(tiny_runs, tmp_path, capsys):
+    """The same command again on a finished run (or one cut in its final evaluation) resumes from its last
+    checkpoint, which holds the whole run: --max_steps=4 ends inside the first epoch, where the HF loop took a 5th
+    step (and checkpoint, evaluation and history row) on every rerun. Nothing is trained; the best checkpoint is
+    saved and evaluated again, with the same figures."""
+    mod, cfg, full, out = tiny_runs("train_cross-encoder-v1")
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    state = json.loads((again / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["epoch"] < 1 and state["max_steps"] == 4  # inside the first epoch
+    before = (again / "metrics.jsonl").read_text()
+    res = mod.main(config.parse_cli(cfg, [f"--output_dir={again}"]))
+    assert "resuming from" in capsys.readouterr().out
+    assert sorted(p.name for p in (again / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (again / "metrics.jsonl").read_text() == before
+    assert res["dev-test"]["trained"] == pytest.approx(full["dev-test"]["trained"], abs=1e-9)
+
+
 def test_a_failed_save_leaves_the_previous_model_whole(tmp_path, monkeypatch):
     """save_model renames the previous model/ aside before the new one takes its place: a crash at any point leaves
     a whole model in model/ or model.old/, never half of one."""
