@@ -152,11 +152,14 @@ def rotation(positives: Grouped, negatives: Grouped, epochs: int, seed: int) -> 
 
 class EpochBlockSampler(SeededBatchSampler):
     """Batches of one epoch's rows only (rows are laid out epoch by epoch), shuffled by seed + epoch, with no
-    passage and no query twice in a batch (a repeated passage would be a false in-batch negative)."""
+    passage and no query twice in a step (a repeated passage would be a false in-batch negative). Under torchrun
+    a step's batches on all processes are negatives for each other (gather_across_devices), so the rule holds for
+    the global batch: `world` consecutive batches, of which accelerate hands process r the r-th."""
 
-    def __init__(self, dataset, *args, rows_per_epoch: int, **kwargs):
+    def __init__(self, dataset, *args, rows_per_epoch: int, world: int | None = None, **kwargs):
         super().__init__(dataset, *args, **kwargs)
         self.rows_per_epoch, self.blocks = rows_per_epoch, max(1, len(dataset) // rows_per_epoch)
+        self.world = world or process_group()[1]
         cols = {c: dataset.data.table.column(c).to_numpy() for c in ("qid", "pos", "neg")}
         self.ids = np.stack([-1 - cols["qid"].astype(np.int64), cols["pos"], cols["neg"]], 1)  # queries < 0
 
@@ -167,16 +170,20 @@ class EpochBlockSampler(SeededBatchSampler):
         epoch (a few rows twice, rather than a batch short under DDP, where every process's batch has one size)."""
         lo = (self.epoch % self.blocks) * self.rows_per_epoch  # epochs past the rotation's repeat it
         order = lo + np.random.default_rng([self.seed, self.epoch]).permutation(self.rows_per_epoch)
-        n = len(self)
-        batches = no_duplicate_batches(order, self.ids, self.batch_size, drop_last=False)  # >= n batches
-        for i, batch in enumerate(itertools.islice(batches, n)):
-            if len(batch) < self.batch_size and (self.drop_last or i < n - 1):
-                batch = top_up(batch, order, self.ids, self.batch_size)
-            yield batch
+        size, steps = self.batch_size * self.world, len(self) // self.world
+        batches = no_duplicate_batches(order, self.ids, size, drop_last=False)  # >= steps global batches
+        for i, batch in enumerate(itertools.islice(batches, steps)):
+            if len(batch) < size and (self.drop_last or self.world > 1 or i < steps - 1):
+                batch = top_up(batch, order, self.ids, size)
+            for r in range(self.world):  # process r's share of the step
+                yield batch[r * self.batch_size:(r + 1) * self.batch_size]
 
     def __len__(self) -> int:
-        n = self.rows_per_epoch
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        """Batches of an epoch, all processes' together (under torchrun always whole steps: the Trainer drops a
+        last partial batch there)."""
+        size = self.batch_size * self.world
+        steps = self.rows_per_epoch // size if self.drop_last or self.world > 1 else -(-self.rows_per_epoch // size)
+        return steps * self.world
 
 
 def training_triplets(rows: np.ndarray) -> Dataset:

@@ -193,7 +193,8 @@ def test_bm25_triples_source_groups_the_triples_by_query(tmp_path):
 def test_two_processes_split_each_epoch_between_them(tmp_path):
     """Under torchrun, accelerate hands process r every world-th batch of the one seeded sampler (BatchSamplerShard)
     and the Trainer sets the epoch on that sampler: together the processes see exactly the epoch's rows, and each
-    process's batches are the same on every run."""
+    process's batches are the same on every run. The processes' batches of one step are each other's in-batch
+    negatives (gather_across_devices): no query or passage twice in a step, across the processes too."""
     from accelerate.data_loader import BatchSamplerShard
     _, cfg = tiny_config("train_bi-encoder-v2", tmp_path)
     data = MSMarco(cfg.data_dir)
@@ -203,16 +204,22 @@ def test_two_processes_split_each_epoch_between_them(tmp_path):
 
     def shard(rank, epoch):
         sampler = bi.EpochBlockSampler(ds, batch_size=8, drop_last=True, seed=cfg.seed, rows_per_epoch=n,
-                                       generator=torch.Generator().manual_seed(cfg.seed))
+                                       generator=torch.Generator().manual_seed(cfg.seed), world=2)
         sampler.set_epoch(epoch)  # what the Trainer does through the shard wrapper, every epoch
         return list(BatchSamplerShard(sampler, num_processes=2, process_index=rank))
 
+    ids = {c: ds.data.table.column(c).to_numpy() for c in ("qid", "pos", "neg")}
     for epoch in (0, 1):
         a, b = shard(0, epoch), shard(1, epoch)
         assert a == shard(0, epoch) and b == shard(1, epoch)  # deterministic per rank
+        assert len(a) == len(b) == n // 16 and all(len(x) == 8 for x in a + b)
         rows = [i for batch in a + b for i in batch]
         assert len(rows) == len(set(rows)) and set(rows) <= set(range(epoch * n, (epoch + 1) * n))
         assert len(rows) >= n - 2 * 8 * 2  # all but the last, partial, round of batches
+        for step in zip(a, b):  # one step: both processes' batches
+            rows = [i for batch in step for i in batch]
+            texts = [-1 - ids["qid"][i] for i in rows] + [ids[c][i] for c in ("pos", "neg") for i in rows]
+            assert len(texts) == len(set(texts))
     assert shard(0, 0) != shard(0, 1)
 
 
