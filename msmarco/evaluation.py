@@ -5,7 +5,6 @@ the resumable fp16 embedding cache and the chunked exact top-k that evaluate.py 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import json
 import os
 from dataclasses import dataclass
@@ -250,12 +249,13 @@ def dense_retrieval_run(model, queries: list[str], qids: list[int], collection: 
 
 
 def merge_top_k(runs: Iterable[Run], k: int) -> Run:
-    """The top k of each query over several runs (the shares of a collection searched apart)."""
-    merged: dict[str, list[tuple[str, float]]] = {}
+    """The top k of each query over several runs (the shares of a collection searched apart); at a tie on the k-th
+    score, trec_eval's order decides (docno descending), not the order of the shares."""
+    merged: dict[str, dict[str, float]] = {}
     for run in runs:
         for q, docs in run.items():
-            merged.setdefault(q, []).extend(docs.items())
-    return {q: dict(heapq.nlargest(k, items, key=lambda d: d[1])) for q, items in merged.items()}
+            merged.setdefault(q, {}).update(docs)
+    return {q: {p: docs[p] for p in rank(docs, k)} for q, docs in merged.items()}
 
 
 

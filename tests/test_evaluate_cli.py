@@ -180,6 +180,14 @@ def test_interrupted_encoding_resumes(models, tmp_path):
 
 
 
+def test_merged_shares_break_a_tie_at_the_cut_as_trec_eval_does():
+    """The processes' shares of a search are merged to one top k; equal scores at the k-th place (duplicate passages
+    score alike) are decided by docno, descending, as trec_eval orders them, whatever the order of the shares."""
+    shares = [{"1": {"5": 1.0, "7": 0.5}}, {"1": {"3": 0.5, "9": 0.5}}]
+    for order in (shares, shares[::-1]):
+        assert evaluation.merge_top_k(order, 2) == {"1": {"5": 1.0, "9": 0.5}}
+
+
 def test_retrieval_scores_are_fp32_under_mixed_precision(models, monkeypatch):
     """Passages may be encoded under bf16 autocast, but their similarities are computed in fp32: bf16 keeps about 3
     significant digits, which tied the top ranks (then broken by pid string). amp=False encodes in fp32 too."""
