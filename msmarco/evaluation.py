@@ -76,7 +76,8 @@ def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None
     the candidates are the run's top `max_candidates` in its order. Without it they are the split's official
     candidate file (top1000.dev, the DL top-1000), all of them: those files list each query's candidates in no
     particular order, so a prefix of them would be an arbitrary subset. `max_queries` takes a seeded random subset,
-    sorted by qid (the training scripts keep seed 0: runs of different seeds are compared on the same queries). Queries without candidates are left out (they would score 0 for every system)."""
+    sorted by qid (the training scripts keep seed 0: runs of different seeds are compared on the same queries).
+    Queries without candidates are left out (they would score 0 for every system)."""
     base = split.split("-")[0]
     if base == "dev":
         queries, qrels_int, official = data.queries("dev"), data.qrels("dev"), data.dev_candidates
