@@ -234,14 +234,19 @@ def test_checkpoints_are_chosen_on_fp32_scores_under_mixed_precision(models):
     def scorer(m, r, batch_size):
         scored.append(evaluation.cross_encoder_run(m, r, batch_size))
         return scored[-1]
-    prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
-    wrapped = prepared.forward
-    assert "_original_forward" in prepared.__dict__  # what the trainer's model carries while it trains
-    bf16 = evaluation.cross_encoder_run(prepared, rs)
-    assert any(abs(bf16[q][p] - fp32[q][p]) > 1e-3 for q in fp32 for p in fp32[q])  # the wrapper rounds
-    evaluation.RerankEvaluator(rs, scorer).metrics(prepared)
-    assert all(scored[-1][q][p] == pytest.approx(fp32[q][p], abs=1e-5) for q in fp32 for p in fp32[q])
-    assert prepared.forward == wrapped  # training goes on under its autocast
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()  # an earlier test's trainer set it up without mixed precision (one per process)
+    try:
+        prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+        wrapped = prepared.forward
+        assert "_original_forward" in prepared.__dict__  # what the trainer's model carries while it trains
+        bf16 = evaluation.cross_encoder_run(prepared, rs)
+        assert any(abs(bf16[q][p] - fp32[q][p]) > 1e-3 for q in fp32 for p in fp32[q])  # the wrapper rounds
+        evaluation.RerankEvaluator(rs, scorer).metrics(prepared)
+        assert all(scored[-1][q][p] == pytest.approx(fp32[q][p], abs=1e-5) for q in fp32 for p in fp32[q])
+        assert prepared.forward == wrapped  # training goes on under its autocast
+    finally:
+        AcceleratorState._reset_state()  # later tests' trainers set up their own
 
 
 def test_cross_encoder_rerank_matches_ir_measures(models, tmp_path):
