@@ -149,7 +149,7 @@ def load_benchmark_split(data: "MSMarco", name: str, max_queries: int = -1,
         queries, qrels_int = data.trec_dl_topics(int(name[2:]))
         official = lambda: data.trec_dl_candidates(int(name[2:]))  # noqa: E731
     min_grade, metrics = SPLIT_METRICS["dev" if name == "dev" else "dl"]
-    qids = sorted(q for q, d in qrels_int.items() if any(g >= min_grade for g in d.values()))
+    qids = sorted(q for q, d in qrels_int.items() if any(g > 0 for g in d.values()))  # nDCG: any grade; MRR: min_grade
     if 0 <= max_queries < len(qids):
         rng = np.random.default_rng(seed)
         qids = sorted(rng.choice(qids, size=max_queries, replace=False).tolist())

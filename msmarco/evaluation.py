@@ -99,7 +99,9 @@ def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None
     else:  # only now: with a run of one's own the official file is neither downloaded nor read
         cands = official()
         source = f"{base} candidate file, all of each query's candidates (file order is not a ranking)"
-    qids = sorted(q for q in qrels_int if q in cands and any(g >= min_grade for g in qrels_int[q].values()))
+    # every query judged relevant at some grade: nDCG@10 counts it (as trec_eval does), MRR and recall only where a
+    # judgment reaches min_grade (msmarco.metrics)
+    qids = sorted(q for q in qrels_int if q in cands and any(g > 0 for g in qrels_int[q].values()))
     if split != base:
         qids = dev_part(qids, split.split("-", 1)[1])
     if max_queries is not None and max_queries < len(qids):

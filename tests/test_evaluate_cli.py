@@ -180,6 +180,24 @@ def test_interrupted_encoding_resumes(models, tmp_path):
 
 
 
+def test_a_dl_query_judged_only_at_grade_1_counts_for_ndcg(copy):
+    """trec_eval's nDCG@10 averages over every query with a relevant judgment at any grade; MRR@10 and recall of TREC
+    DL count grade >= 2. A DL query whose best judgment is 1 (none in DL 2020, so made here) stays in the sets, for
+    nDCG, instead of being dropped from all metrics."""
+    qrels = copy / "2020qrels-pass.txt"
+    lines = qrels.read_text().splitlines()
+    qid = lines[0].split()[0]
+    qrels.write_text("".join((" ".join(f[:3] + [str(min(int(f[3]), 1))]) if f[0] == qid else ln) + "\n"
+                             for ln in lines for f in [ln.split()]))
+    data = MSMarco(copy)
+    rs = evaluation.load_rerank_set(data, "dl2020", None, 20, str(copy / "runs" / "bm25"))
+    assert int(qid) in rs.qids and len(rs.qids) == 54
+    assert int(qid) in evaluate.load_benchmark_split(data, "dl2020").qids
+    run = evaluation.candidate_order_run(rs)
+    per_query = metrics.evaluate_run({qid: run[qid]}, {qid: rs.qrels[qid]}, min_grade=2, recall_ks=())
+    assert per_query["nDCG@10"] > 0 and per_query["MRR@10"] == 0.0  # in nDCG's average, not in MRR's
+
+
 def test_merged_shares_break_a_tie_at_the_cut_as_trec_eval_does():
     """The processes' shares of a search are merged to one top k; equal scores at the k-th place (duplicate passages
     score alike) are decided by docno, descending, as trec_eval orders them, whatever the order of the shares."""
