@@ -143,15 +143,17 @@ def no_duplicate_batches(order: np.ndarray, ids: np.ndarray, batch_size: int, dr
 def top_up(batch: list[int], pool: np.ndarray, ids: np.ndarray, batch_size: int) -> list[int]:
     """`batch` filled to `batch_size` with rows of `pool`, in its order, that repeat no id of the batch (rows it
     already has excluded); shorter if the pool has too few."""
-    batch, seen = list(batch), {v for row in batch for v in ids[row].tolist()}
+    batch, rows, seen = list(batch), set(batch), {v for row in batch for v in ids[row].tolist()}
     for row in pool.tolist():
         if len(batch) == batch_size:
             break
         values = ids[row].tolist()
-        if row not in batch and seen.isdisjoint(values):
+        if row not in rows and seen.isdisjoint(values):
             batch.append(row)
+            rows.add(row)
             seen.update(values)
     return batch
+
 
 def _samplers_in(loader, depth: int = 5) -> Iterator[DefaultBatchSampler]:
     """Batch samplers reachable from a dataloader through the wrappers accelerate puts around them."""
