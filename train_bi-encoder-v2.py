@@ -82,7 +82,7 @@ class Config:
     weight_decay: float = 0.01  # AdamW weight decay
     pad_multiple: int = -1  # pad batch chunks to a multiple of this (-1: 8 on a GPU, bounded shapes; 1 on a CPU)
     chunk_cost: int = -1  # padded tokens that one more forward pass is worth when a batch is cut (-1: by device)
-    first_stage: str = ""  # TREC run (file, or folder of <split>.run) whose candidates are reranked; "": candidate files
+    first_stage: str = ""  # TREC run (a file, or a folder of <split>.run) whose candidates are reranked; "": files
     eval_queries: int = 500  # dev-tune queries reranked during training; as many dev-test queries in the final report
     eval_candidates: int = 100  # candidates per query from first_stage (0: all); candidate files: all (no ranking)
     report_splits: tuple[str, ...] = ("dl2019", "dl2020")  # TREC DL years reranked in the final report

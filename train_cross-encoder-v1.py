@@ -53,7 +53,7 @@ class Config:
     sample: bool = False  # run on data/sample with the offline base model and a CPU budget (see SAMPLE)
     data_dir: str = "data"  # MS MARCO folder, relative to the repository; missing files are downloaded into it
     model_name: str = "microsoft/MiniLM-L12-H384-uncased"  # encoder to start from: hub name, folder or offline:<name>
-    pooling: str = "cls"  # head input: cls ([CLS] + pooler, BertForSequenceClassification) or mean (mean of token states)
+    pooling: str = "cls"  # head input: cls ([CLS] + pooler, as BertForSequenceClassification) or mean (token states)
     attn_implementation: str = "sdpa"  # attention kernels: sdpa, eager, or flash_attention_2 (GPU, if installed)
     compile_mode: str = ""  # torch.compile training: "" (off), default, reduce-overhead (CUDA graphs), max-autotune
     dropout: float = -1.0  # dropout probability of every layer while training (-1: the base model's own, 0.1 for BERT)
@@ -74,7 +74,7 @@ class Config:
     pad_multiple: int = -1  # pad batch chunks to a multiple of this (-1: 8 on a GPU, bounded shapes; 1 on a CPU)
     chunk_cost: int = -1  # padded tokens that one more forward pass is worth when a batch is cut (-1: by device)
     length_window: int = 64  # batches sorted by length together before they are shuffled (1: random batches)
-    first_stage: str = ""  # TREC run (file, or folder of <split>.run) whose candidates are reranked; "": candidate files
+    first_stage: str = ""  # TREC run (a file, or a folder of <split>.run) whose candidates are reranked; "": files
     eval_queries: int = 500  # dev-tune queries reranked during training; as many dev-test queries in the final report
     eval_candidates: int = 100  # candidates per query from first_stage (0: all); candidate files: all (no ranking)
     report_splits: tuple[str, ...] = ("dl2019", "dl2020")  # TREC DL years reranked in the final report
@@ -160,7 +160,8 @@ def main(cfg: Config) -> dict:
     with main_process_first():
         train = training_pairs(data, cfg)
         tune, reports = evaluation_sets(data, cfg)
-    print(f"{len(train):,} training pairs; evaluation: " + ", ".join(f"{s.name} {len(s.qids)}" for s in [tune, *reports]))
+    sets = ", ".join(f"{s.name} {len(s.qids)}" for s in [tune, *reports])
+    print(f"{len(train):,} training pairs; evaluation: {sets}")
 
     # 2. Model: a plain encoder with a new one-logit head on [CLS] or on the mean token state. The head's bias
     #    starts at the labels' prior log-odds, log(1 / neg_per_pos), so no steps are spent learning it.
@@ -190,14 +191,16 @@ def main(cfg: Config) -> dict:
         metric_for_best_model=f"eval_{evaluator.name}_MRR@10", logging_steps=cfg.logging_steps,
         report_to=cfg.report_to, ddp_find_unused_parameters=False)
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
-                                  data_collator=batches, callbacks=[metric_history(out / "metrics.jsonl"), SamplerEpoch()])
+                                  data_collator=batches,
+                                  callbacks=[metric_history(out / "metrics.jsonl"), SamplerEpoch()])
     train_from(trainer, checkpoint)  # trainer.train(resume_from_checkpoint=...), minus a step past --max_steps
 
     # 6. Save the best model where stock CrossEncoder(path) loads it, and evaluate that saved model.
     trained = CrossEncoder(str(save_model(trainer, model, out)))
     results = {**merge(baselines, rerank_table(reports, cross_encoder_run, {"trained": trained}, first_stage=False)),
                "first_stage": {s.name: s.first_stage for s in [tune, *reports]}, "data_dir": str(data.dir)}
-    report(trainer, out, results, "Reranking held-out queries (dev-tune chose the checkpoint; the others decided nothing)")
+    report(trainer, out, results,
+           "Reranking held-out queries (dev-tune chose the checkpoint; the others decided nothing)")
     return results
 
 

@@ -209,7 +209,7 @@ def read_qrels(path) -> Qrels:
 
 
 def str_qrels(qrels: dict[int, dict[int, int]]) -> Qrels:
-    """The data layer's int-keyed judgments in the metrics' string-keyed form (trec_eval breaks ties on docno strings)."""
+    """The data layer's int-keyed judgments in the metrics' string-keyed form (trec_eval breaks ties on docnos)."""
     return {str(q): {str(p): int(g) for p, g in docs.items()} for q, docs in qrels.items()}
 
 

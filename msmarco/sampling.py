@@ -111,7 +111,6 @@ class length_grouped_batches:  # noqa: N801 - used like the function shuffled_ba
                                          generator=generator, lengths=self.lengths, window=self.window)
 
 
-
 def no_duplicate_batches(order: np.ndarray, ids: np.ndarray, batch_size: int, drop_last: bool) -> Iterator[list[int]]:
     """Batches of the rows `order`, in that order, with no value of `ids` (one row of ids per dataset row) twice in
     a batch: a row that would repeat one waits for a later batch, as in sentence-transformers'
