@@ -87,6 +87,7 @@ class Config:
     resume: bool = True  # continue from the newest checkpoint of output/train_cross-encoder-v1
     output_dir: str = "output/train_cross-encoder-v1"  # relative to the repository
 
+
 # --sample: the whole recipe on the bundled miniature, offline, on 2 CPU cores in under 5 minutes. The base is a
 # sentence-embedding model, so its mean token state already carries meaning: a head on it (pooling=mean) learns
 # far faster than the stock [CLS] head there. The run is compute-bound: 64 tokens a pair (the query and the start

@@ -117,7 +117,6 @@ class BatchShape:
     chunk_cost: float = 64  # padded tokens worth one more forward pass: small on CPUs, large on GPUs
 
 
-
 def batch_shape(max_length: int, pad_multiple: int = -1, chunk_cost: int = -1) -> BatchShape:
     """BatchShape with this device's settings where they are -1. On a CPU: no rounding (a shape costs nothing to
     change) and a chunk cost of 64 padded tokens (one more forward and backward pass of MiniLM-L6 within a step

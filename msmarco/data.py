@@ -200,7 +200,6 @@ class MSMarco:
         return self._once(("tokens", texts, key), make)
 
 
-
 class TeacherSamples:
     """Rows of a teacher-line dataset as PairBatches pairs: with MSE, row 2i / 2i + 1 is line i's (query, positive,
     pos_score) / (query, negative, neg_score); with MarginMSE, row i is line i's (query, [positive, negative],
@@ -217,6 +216,7 @@ class TeacherSamples:
         pos = rows % 2 == 0
         return rec["qid"], np.where(pos, rec["pid_pos"], rec["pid_neg"]), np.where(pos, rec["pos_score"],
                                                                                      rec["neg_score"])
+
 
 def shuffle_within_groups(ptr: np.ndarray, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """`values` with each group values[ptr[i]:ptr[i + 1]] in a random order (one argsort, not a loop)."""

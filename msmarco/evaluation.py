@@ -261,7 +261,6 @@ def merge_top_k(runs: Iterable[Run], k: int) -> Run:
     return {q: {p: docs[p] for p in rank(docs, k)} for q, docs in merged.items()}
 
 
-
 def rerank_table(sets: list[RerankSet], scorer: Callable, models: dict, first_stage: bool = True) -> dict:
     """{set name: {"first_stage": metrics of the candidates' own order, <name>: metrics of models[name]}}: reranking
     each set's candidates with each model (scorer: cross_encoder_run or bi_encoder_run). No first-stage row where the

@@ -202,7 +202,6 @@ def baseline_metrics(out: Path, compute: Callable[[], dict], curve_set: str) -> 
     return res
 
 
-
 def merge(*tables: dict) -> dict:
     """{set: {system: metrics}} tables joined set by set (baselines, then the trained model's rows)."""
     out: dict = {}
@@ -210,6 +209,7 @@ def merge(*tables: dict) -> dict:
         for name, row in table.items():
             out[name] = {**out.get(name, {}), **row} if isinstance(row, dict) else row
     return out
+
 
 def teacher_description(data_dir: Path) -> str:
     """What the teacher scores of a data folder are: the bundled sample's are not the BERT-CAT ensemble's."""

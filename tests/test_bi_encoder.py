@@ -99,6 +99,7 @@ def test_filtered_negatives_are_built_once_per_setting(tmp_path):
     assert len(looser.values) > len(first.values)
     assert len({p.name for p in (data.dir / paths.PREPARED).glob("bi-encoder-negatives-*") if p.is_dir()}) >= 2
 
+
 def grouped(groups: dict[int, list[int]]) -> stores.Grouped:
     qids = sorted(groups)
     ptr = np.cumsum([0] + [len(groups[q]) for q in qids])

@@ -179,7 +179,6 @@ def test_interrupted_encoding_resumes(models, tmp_path):
     assert all(len(v) == 3 for v in tiny.values())
 
 
-
 def test_a_dl_query_judged_only_at_grade_1_counts_for_ndcg(copy):
     """trec_eval's nDCG@10 averages over every query with a relevant judgment at any grade; MRR@10 and recall of TREC
     DL count grade >= 2. A DL query whose best judgment is 1 (none in DL 2020, so made here) stays in the sets, for
@@ -234,6 +233,7 @@ def test_retrieval_scores_are_fp32_under_mixed_precision(models, monkeypatch):
     evaluation.RetrievalEvaluator(rs, coll, k=20, batch_size=32, amp=False).metrics(model)
     fp32 = real(model, rs.queries, rs.qids, coll, 20, 32)  # outside any autocast
     assert all(seen[-1][q] == pytest.approx(fp32[q], abs=1e-6) for q in fp32)
+
 
 def test_checkpoints_are_chosen_on_fp32_scores_under_mixed_precision(models):
     """The trainer (accelerate) wraps a model's forward in bf16 autocast in place, so the evaluator that picks the
