@@ -67,12 +67,12 @@ def test_pairs_are_the_stock_tokenization(data, ce, max_length):
     pb = PairBatches(data, ce.tokenizer, BatchShape(max_length, 8, chunk_cost=64))
     out = pb([{k: v[i] for k, v in cols.items()} for i in range(64)])["pairs"]
     q, c = data.queries("train"), data.collection()
-    old = ce.max_length
-    ce.max_length = max_length
+    old = ce.max_seq_length
+    ce.max_seq_length = max_length
     try:
         enc = ce.preprocess([(q[int(a)], c[int(b)]) for a, b in zip(cols["qid"], cols["pid"])])
     finally:
-        ce.max_length = old
+        ce.max_seq_length = old
     assert unchunk(out) == stock_rows(enc)
     assert unchunk(out, "token_type_ids") == stock_rows(enc, "token_type_ids")
     assert all(x.shape[1] % 8 == 0 for x in out["input_ids"])
