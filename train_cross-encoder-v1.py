@@ -8,7 +8,8 @@ once per data folder, size and seed (one pass over the 398M lines, 3 min at full
 after that. Pairs are ids until a batch is built, so the full run (20M pairs) never holds their texts in memory.
 `--negatives=hard` draws the negatives from msmarco-hard-negatives instead (BM25 and dense systems' top hits,
 kept only where the cross-encoder scores them `ce_margin` below the positives), still BCE on labelled pairs;
-`--random_negatives=r` makes r of each positive's negatives random passages of the collection (easy ones).
+`--random_negatives=r` makes r of each positive's negatives random passages of the collection (easy ones). The
+`--sample` preset uses both (they won on its dev-tune queries: SAMPLE).
 
 Training batches are built from token ids (tokenized once per tokenizer), grouped by length and padded for real
 tokens (msmarco/batching.py); the loss is the stock BinaryCrossEntropyLoss. While training it reranks held-out
@@ -91,15 +92,16 @@ class Config:
 # --sample: the whole recipe on the bundled miniature, offline, on 2 CPU cores in under 5 minutes. The base is a
 # sentence-embedding model, so its mean token state already carries meaning: a head on it (pooling=mean) learns
 # far faster than the stock [CLS] head there. The run is compute-bound: 64 tokens a pair (the query and the start
-# of the passage) buy 3,900 pairs in less time than 128 took for 2,500, and won on dev-tune; --negatives=hard tied
-# with the BM25 triples there over 3 seeds, so the recipe keeps its own data. Dropout off: faster steps, and
-# dev-tune no worse over 3 seeds in so short a run. Two of each positive's four negatives random: with BM25's
-# lexical near-misses only, the loss sat at the labels' prior for half the run; easy negatives teach term matching
-# first, and won on dev-tune by +0.11 MRR@10 over 3 seeds. The embedding layer frozen: 7% faster CPU steps, a tie
-# on dev-tune over 3 seeds (+0.009 MRR@10; docs/sample-runs.md).
+# of the passage) buy 3,900 pairs in less time than 128 took for 2,500, and won on dev-tune. Dropout off: faster
+# steps, and dev-tune no worse over 3 seeds in so short a run. Two of each positive's four negatives random: with
+# BM25's lexical near-misses only, the loss sat at the labels' prior for half the run; easy negatives teach term
+# matching first, and won on dev-tune by +0.11 MRR@10 over 3 seeds. The other two from the hard negatives that the
+# cross-encoder scores at least ce_margin (3) below the positive (--negatives=hard), not the BM25 triples: the
+# margin drops near-misses that may be unjudged positives, +0.052 MRR@10 on dev-tune over 3 seeds (margin 0:
+# a tie). The embedding layer frozen: 7% faster CPU steps, a tie on dev-tune (docs/sample-runs.md).
 SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", pooling="mean", max_length=64,
-              dropout=0.0, freeze_embeddings=True, random_negatives=2, max_pairs=3_900, epochs=1, batch_size=16,
-              lr=1e-4, warmup_steps=15,
+              dropout=0.0, freeze_embeddings=True, negatives="hard", random_negatives=2, max_pairs=3_900, epochs=1,
+              batch_size=16, lr=1e-4, warmup_steps=15,
               first_stage="data/sample/runs/bm25", eval_queries=60, eval_candidates=20, report_splits=("dl2020",),
               eval_steps=1_000, logging_steps=10)
 

@@ -276,9 +276,10 @@ def test_compiled_training_saves_the_plain_model(tmp_path):
     assert rerun_metrics(name, tmp_path / "model", cfg) == pytest.approx(res["dev-test"]["trained"], abs=1e-6)
 
 
-@pytest.mark.parametrize("name,missing", [("train_cross-encoder-v1", "qidpidtriples.train.full.2.tsv.gz"),
-                                          ("train_cross-encoder-v2", "bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv"),
-                                          ("train_bi-encoder-v2", "msmarco-hard-negatives.jsonl.gz")])
+@pytest.mark.parametrize("name,missing", [
+    ("train_cross-encoder-v1", "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz"),  # its preset's negatives=hard
+    ("train_cross-encoder-v2", "bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv"),
+    ("train_bi-encoder-v2", "msmarco-hard-negatives.jsonl.gz")])
 def test_missing_data_file_is_a_clear_error(name, missing, tmp_path, monkeypatch):
     copy = tmp_path / "sample"
     shutil.copytree(paths.SAMPLE_DIR, copy, ignore=shutil.ignore_patterns(paths.PREPARED))
@@ -330,7 +331,8 @@ def test_v2_teacher_samples_are_the_teacher_lines(tmp_path):
 
 
 def test_v1_pairs_follow_the_negative_ratio(tmp_path):
-    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--neg_per_pos=4", "--max_pairs=50")
+    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--negatives=triples", "--neg_per_pos=4",
+                           "--max_pairs=50")
     data = MSMarco(cfg.data_dir)
     ds = mod.training_pairs(data, cfg)
     labels = [ds[i]["label"] for i in range(len(ds))]
@@ -341,8 +343,8 @@ def test_v1_pairs_follow_the_negative_ratio(tmp_path):
 
 
 def test_v1_pairs_put_each_positive_just_before_its_triples_negative(tmp_path):
-    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--neg_per_pos=3", "--max_pairs=400",
-                           "--random_negatives=0")
+    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--negatives=triples", "--neg_per_pos=3",
+                           "--max_pairs=400", "--random_negatives=0")
     data = MSMarco(cfg.data_dir)
     table = mod.training_pairs(data, cfg).data.table
     got = list(zip(*(table.column(c).to_numpy().tolist() for c in ("qid", "pid", "label"))))
@@ -357,8 +359,8 @@ def test_v1_pairs_put_each_positive_just_before_its_triples_negative(tmp_path):
 def test_v1_random_negatives_replace_the_last_of_each_positives_negatives(tmp_path):
     """--random_negatives=r: of each positive's neg_per_pos negatives the last r are seeded draws from the whole
     collection (never the pair's positive), the others stay the triples' BM25 negatives, in place."""
-    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--neg_per_pos=4", "--max_pairs=1000",
-                           "--random_negatives=0")
+    mod, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--negatives=triples", "--neg_per_pos=4",
+                           "--max_pairs=1000", "--random_negatives=0")
     data = MSMarco(cfg.data_dir)
 
     def rows(c):
