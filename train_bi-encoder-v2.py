@@ -23,7 +23,10 @@ Commands:
     python train_bi-encoder-v2.py --sample             # bundled sample, offline base model, 2 CPU cores, < 5 min
     python train_bi-encoder-v2.py                      # full data (downloads ~4 GB into data/), one GPU
     python train_bi-encoder-v2.py --loss=cached_mnrl --batch_size=1024   # large batches in bounded memory
+    python train_bi-encoder-v2.py --help               # every config field with the value a run would use
     torchrun --nproc_per_node=8 train_bi-encoder-v2.py   # 8 GPUs (DDP); README, "Train on several GPUs"
+    accelerate launch --multi_gpu --num_processes=8 train_bi-encoder-v2.py   # the same, through accelerate
+    torchrun --nproc_per_node=2 train_bi-encoder-v2.py --sample   # 2 CPU processes (gloo), as the tests do
 Outputs: output/train_bi-encoder-v2/ (model/, checkpoints/, config.json, metrics.jsonl, metrics.png,
 results.json). Rerunning the same command resumes from the newest checkpoint.
 """

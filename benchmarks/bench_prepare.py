@@ -357,6 +357,8 @@ def main(argv=None) -> None:
                     help="comma-separated subset of " + ",".join(STAGES) + ": measure only these (and generate only "
                     "their sources); no second start, no scripts")
     a = ap.parse_args(argv)
+    # relative folders are taken from the repository, never the working directory
+    a.dir, a.json = (p if p is None or p.is_absolute() else REPO / p for p in (a.dir, a.json))
     stages = None if a.stages is None else [s.strip() for s in a.stages.split(",") if s.strip()]
     if stages and (bad := set(stages) - set(STAGES)):
         ap.error(f"unknown --stages {sorted(bad)}; choose from {STAGES}")

@@ -54,6 +54,7 @@ from msmarco.config import parse_cli  # noqa: E402
 from msmarco.data import MSMarco, TeacherSamples  # noqa: E402
 from msmarco.models import (cross_encoder, no_cpu_flash_attention, no_cudnn_attention, resolve_model,  # noqa: E402
                             set_dropout)
+from msmarco.paths import resolve_dir  # noqa: E402
 from msmarco.sampling import length_grouped_batches  # noqa: E402
 
 SCRIPTS = {"v1": "train_cross-encoder-v1", "v2": "train_cross-encoder-v2", "bi": "train_bi-encoder-v2"}
@@ -432,8 +433,9 @@ def main(argv=None) -> dict:
             print_row(row, flush=True)
         results["runs"].append(row)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(results, indent=1))
+        out = resolve_dir(a.out)  # a relative --out is taken from the repository, as the scripts' folders are
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
     return results
 
 

@@ -728,7 +728,8 @@ def main(argv=None) -> None:
     if only and (bad := set(only) - set(FILES)):
         ap.error(f"unknown --only {sorted(bad)}; choose from {list(FILES)}")
     print(f"factor {a.factor}: {sizes(a.factor)}", file=sys.stderr)
-    generate(a.out, a.factor, a.seed, only)
+    out = a.out if a.out.is_absolute() else Path(__file__).resolve().parents[1] / a.out  # from the repository
+    generate(out, a.factor, a.seed, only)
 
 
 if __name__ == "__main__":

@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
     import sentence_transformers
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device here; use --device=cpu --dry_run for the CPU dry run")
-    out = Path(a.out)
+    out = Path(a.out) if Path(a.out).is_absolute() else REPO / a.out  # relative: from the repository
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
     t0 = time.time()

@@ -36,7 +36,9 @@ TOL = 1e-9
 
 @pytest.fixture(scope="module")
 def irm():
-    return pytest.importorskip("ir_measures", reason="ir-measures (test-only dependency) not installed")
+    import ir_measures  # requirements-dev.txt: a missing reference must fail the tests, not skip them
+
+    return ir_measures
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ TINY_LEN = {"train_cross-encoder-v1": ["--max_length=48"], "train_cross-encoder-
             "train_bi-encoder-v2": ["--max_seq_length=16", "--eval_max_seq_length=16", "--retrieval_k=20",
                                     "--retrieval_eval=false"]}
 # retrieval from the whole sample collection (28k passages) is run by the torchrun test (before, during and
-# after training) and by the bi-encoder's --sample run (before and after), not by these tiny runs
+# after training), not by these tiny runs nor by the bi-encoder's --sample preset (`retrieval_eval=False`)
 
 
 def tiny_config(name: str, out, *extra: str):

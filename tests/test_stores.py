@@ -157,12 +157,9 @@ def test_cache_reused_and_rebuilt_when_source_changes(copy):
     meta = copy / paths.PREPARED / "collection" / "meta.json"
     assert len(MSMarco(copy).collection()) == 28_262
     m1 = meta.stat().st_mtime_ns
-    t0 = time.perf_counter()
     again = MSMarco(copy).collection()
-    took = time.perf_counter() - t0
     assert len(again) == 28_262
-    assert meta.stat().st_mtime_ns == m1
-    assert took < 0.5
+    assert meta.stat().st_mtime_ns == m1  # reused: not rebuilt
     st = src.stat()
     new_mtime = st.st_mtime_ns - 3_600 * 10**9
     os.utime(src, ns=(st.st_atime_ns, new_mtime))
