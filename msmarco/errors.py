@@ -9,7 +9,8 @@ import sys
 
 
 class DataError(ValueError):
-    """Bad or missing input data; the message names the file (and line) and what to do."""
+    """Bad or missing input data, or a data folder or disk that cannot take it (read-only, full); the message names
+    the file (and line) and what to do."""
 
 
 class DownloadError(RuntimeError):

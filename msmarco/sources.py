@@ -1,15 +1,20 @@
 """Every file the recipes use, in one table (`SOURCES`: today's URLs, mirrors, published sizes and md5 sums), and the
 download that gets them: resumable (HTTP Range, with If-Range so a file changed upstream is fetched anew), retried
-with backoff while it makes no progress, verified, renamed into place only when complete.
-Offline, a download fails with the URL and how to place the file by hand."""
+with backoff while it makes no progress (a host name that does not resolve: once), verified, synced to disk and
+renamed into place only when complete. Offline, a download fails with the URL and how to place the file by hand; a
+disk that cannot take the file fails at once, with the file it could not write."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
 import re
+import shlex
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,8 +93,14 @@ def fetch(name: str, data_dir: str | Path) -> Path:
     if is_sample:
         raise DataError(f"{path} is missing from the bundled sample; restore it with `git checkout -- data/sample` "
                         "or rebuild it with scripts/build_sample.py")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with paths.file_lock(data_dir / f".{name}.lock"):  # one download per file; parallel runs wait for it, then use it
+    with contextlib.ExitStack() as stack:
+        try:  # a read-only data folder: the user can place the file there by hand or point elsewhere
+            data_dir.mkdir(parents=True, exist_ok=True)
+            # one download per file; parallel runs wait for it, then use it
+            stack.enter_context(paths.file_lock(data_dir / f".{name}.lock"))
+        except OSError as e:
+            raise DataError(f"{data_dir} is not writable ({e}); {name} is missing: download it from {src.urls[0]} "
+                            f"and place it there by hand, or choose another --data_dir") from e
         if path.exists():
             return path
         errors = []
@@ -101,7 +112,20 @@ def fetch(name: str, data_dir: str | Path) -> Path:
     raise DownloadError("\n".join(errors))
 
 
-_USER_AGENT = "msmarco-data-downloader/1.0 (+python-urllib)"
+# No library token (python-urllib, python-requests): Zenodo answers 403 to some library user agents since 2026.
+_USER_AGENT = "msmarco-training-scripts/1.0 (research downloader; resumable)"
+# Azure Storage (the MS MARCO host, blob and static-website endpoints) serves a request without x-ms-version as an
+# old API version; Microsoft's TREC-DL download page and ir_datasets send this one, which serves Range requests.
+_AZURE_HOSTS = (".blob.core.windows.net", ".web.core.windows.net")
+_AZURE_VERSION = "2019-12-12"
+
+
+def _headers(url: str) -> dict[str, str]:
+    """The request headers every request to `url` carries (Range and If-Range come on top)."""
+    headers = {"User-Agent": _USER_AGENT}
+    if (urllib.parse.urlsplit(url).hostname or "").endswith(_AZURE_HOSTS):
+        headers["x-ms-version"] = _AZURE_VERSION
+    return headers
 
 
 class _Transient(Exception):
@@ -109,8 +133,26 @@ class _Transient(Exception):
 
 
 def _manual_hint(url: str, dest: Path) -> str:
-    return (f"download {url} with a browser or `curl -L -C - -o {dest}.part '{url}' && mv {dest}.part {dest}` "
+    part, whole = shlex.quote(f"{dest}.part"), shlex.quote(str(dest))  # a command to paste: a space or quote is kept
+    return (f"download {url} with a browser or `curl -L -C - -o {part} {shlex.quote(url)} && mv {part} {whole}` "
             f"(the rename only after curl finishes: a file at {dest} counts as complete)")
+
+
+def _cannot_write(path: Path, e: OSError) -> DataError:
+    """A local disk error (full, read-only, no permission): no retry or mirror would help, so the download ends."""
+    return DataError(f"cannot write {path}: {e} (free disk space or check permissions); the partial file is kept, "
+                     f"rerun to resume")
+
+
+def _sync(part: Path) -> None:
+    """Put the complete part on disk before it is renamed into place: after a crash or power cut the file under the
+    final name is then the whole file, never a name for blocks that were still in the page cache."""
+    try:
+        with open(part, "ab") as f:
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _cannot_write(part, e) from e
 
 
 def _validator_file(part: Path) -> Path:
@@ -129,7 +171,7 @@ def _fetch_once(url: str, part: Path, timeout: float, chunk_size: int,
                 size: int | None, desc: str) -> None:
     """One HTTP request that appends to ``part``; raises on anything incomplete."""
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": _USER_AGENT}
+    headers = _headers(url)
     validator = _validator_file(part)
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -169,25 +211,33 @@ def _fetch_once(url: str, part: Path, timeout: float, chunk_size: int,
                 total = expected
             etag = resp.headers.get("ETag") or ""
             tag = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")  # If-Range
-            if tag:  # takes no weak ETag
-                validator.write_text(tag + "\n")
-            else:
-                validator.unlink(missing_ok=True)
+            try:
+                if tag:  # takes no weak ETag
+                    validator.write_text(tag + "\n")
+                else:
+                    validator.unlink(missing_ok=True)
+            except OSError as e:
+                raise _cannot_write(validator, e) from e
         received = 0
-        with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                                         unit_divisor=1024, desc=desc) as bar:
-            while True:
-                try:
-                    chunk = resp.read(chunk_size)
-                except http.client.IncompleteRead as e:  # e.g. chunked body cut short
-                    f.write(e.partial)  # keep what did arrive, so the retry resumes after it
-                    raise _Transient(f"connection closed after {received + len(e.partial)} "
-                                     f"bytes") from e
-                if not chunk:
-                    break
-                f.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
+        try:  # an OSError here is the disk's (full, no permission), also one from close(); the socket's are marked
+            with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                                             unit_divisor=1024, desc=desc) as bar:
+                while True:
+                    try:
+                        chunk = resp.read(chunk_size)
+                    except http.client.IncompleteRead as e:  # e.g. chunked body cut short
+                        f.write(e.partial)  # keep what did arrive, so the retry resumes after it
+                        raise _Transient(f"connection closed after {received + len(e.partial)} "
+                                         f"bytes") from e
+                    except OSError as e:  # the socket's (timeout, reset): retried, unlike the disk's
+                        raise _Transient(f"{type(e).__name__}: {e}") from e
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        except OSError as e:
+            raise _cannot_write(part, e) from e
     # http.client may just return b"" when the peer closes early, so compare ourselves.
     if expected is not None and received < expected:
         raise _Transient(f"connection closed after {received} of {expected} bytes")
@@ -227,8 +277,9 @@ def download(url: str, dest: Path, *, size: int | None = None, md5: str | None =
     once complete and verified, so an existing ``dest`` is always whole (and is returned
     as-is). An existing ``.part`` is resumed with a Range request. Transient failures
     (connection errors, timeouts, 5xx, 408/429, short reads) are retried up to ``retries`` times in a
-    row without progress, with backoff ``backoff * 2**i`` seconds (at most 60). Raises :class:`DownloadError`
-    on permanent failure or a size/md5/sha256 mismatch.
+    row without progress, with backoff ``backoff * 2**i`` seconds (at most 60); a host name that does not resolve
+    before any byte arrived, at most once. Raises :class:`DownloadError` on permanent failure or a size/md5/sha256
+    mismatch, :class:`DataError` at once when the part file cannot be written (disk full, no permission).
     """
     dest = Path(dest)
     if dest.exists():  # the caller's cache: assumed complete
@@ -241,12 +292,14 @@ def download(url: str, dest: Path, *, size: int | None = None, md5: str | None =
     last_err: str = "unknown error"
     failures = 0  # in a row without progress: a connection that drops every few MB still gets the whole file
     furthest = part.stat().st_size if part.exists() else 0  # progress means bytes past this, not a restart's
+    start = furthest  # bytes present when this call began
     while True:
         if failures:
             time.sleep(min(backoff * 2 ** (failures - 1), 60.0))
         have = part.stat().st_size if part.exists() else 0
         if size is not None and have == size:
             break  # a previous run got every byte; just verify
+        unresolved = False  # whether this attempt fails to resolve the host name (offline, or a typo in the URL)
         try:
             _fetch_once(url, part, timeout, chunk_size, size, desc or dest.name)
             break
@@ -259,16 +312,24 @@ def download(url: str, dest: Path, *, size: int | None = None, md5: str | None =
                                     f"or offline. {_manual_hint(url, dest)}") from e
         except urllib.error.URLError as e:  # DNS failure, refused, no network
             last_err = f"{type(e.reason).__name__}: {e.reason}"
-        except (_Transient, http.client.HTTPException, OSError) as e:  # timeouts, resets
+            unresolved = isinstance(e.reason, socket.gaierror)
+        except _Transient as e:  # short reads, timeouts and resets while reading
+            last_err = str(e)
+        except (http.client.HTTPException, OSError) as e:
             last_err = f"{type(e).__name__}: {e}"
         now = part.stat().st_size if part.exists() else 0
         failures = 1 if now > furthest else failures + 1
         furthest = max(furthest, now)
-        if failures > retries:  # keep the .part: the next run resumes from it
-            raise DownloadError(f"could not download {url} after {retries + 1} attempts in a row without "
-                                f"progress (last error: {last_err}); the server may be offline or the link "
-                                f"dead. {_manual_hint(url, dest)}")
+        # A name that does not resolve before any byte came (offline) gets one retry, not the whole backoff
+        # (2+4+8+16+32 s per URL); a connection that was working has its DNS hiccup retried in full.
+        allowed = min(retries, 1) if unresolved and furthest == start else retries
+        if failures > allowed:  # keep the .part: the next run resumes from it
+            cause = ("this machine may be offline (the host name did not resolve)" if unresolved
+                     else "the server may be offline or the link dead")
+            raise DownloadError(f"could not download {url} after {failures} attempts in a row without "
+                                f"progress (last error: {last_err}); {cause}. {_manual_hint(url, dest)}")
 
+    _sync(part)  # once, before it is verified and takes the final name
     _verify(url, dest, part, size, md5, sha256, chunk_size)
     os.replace(part, dest)  # atomic: dest never exists half-written
     _validator_file(part).unlink(missing_ok=True)

@@ -3,13 +3,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msmarco.errors import DownloadError  # noqa: E402
+from msmarco.errors import DataError, DownloadError  # noqa: E402
 from msmarco import sources  # noqa: E402
 from msmarco.sources import download  # noqa: E402
 
+import errno  # noqa: E402
 import hashlib  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
@@ -130,8 +132,20 @@ def test_complete_download(server, tmp_path):
     assert dest.read_bytes() == PAYLOAD
     assert not _part(dest).exists()
     assert len(server.requests) == 1
-    assert "User-Agent" in server.requests[0]
+    assert server.requests[0]["User-Agent"] == sources._USER_AGENT
+    assert "python-urllib" not in server.requests[0]["User-Agent"]  # Zenodo refuses some library user agents
+    assert "x-ms-version" not in {k.lower() for k in server.requests[0]}  # only for the MS MARCO (Azure) host
     assert "Range" not in server.requests[0]
+
+
+def test_request_headers():
+    """The MS MARCO host (Azure Storage) gets the API version that serves Range requests; no other host does."""
+    for url in [sources.MSMARCO + "collection.tar.gz", "https://msmarco.blob.core.windows.net/msmarcoranking/x"]:
+        assert sources._headers(url) == {"User-Agent": sources._USER_AGENT, "x-ms-version": "2019-12-12"}
+    for url in [sources.HF_HARD_NEGATIVES + "x", sources.NIST_DL + "x", sources.SOURCES[
+            "bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv"].urls[0],
+                "https://blob.core.windows.net.example.org/x", "https://example.org/?u=x.blob.core.windows.net"]:
+        assert sources._headers(url) == {"User-Agent": sources._USER_AGENT}
 
 
 def test_existing_dest_is_returned_without_request(server, tmp_path):
@@ -227,7 +241,7 @@ def test_404_not_retried(server, tmp_path):
     msg = str(ei.value)
     assert server.url in msg
     assert "404" in msg
-    assert f"curl -L -C - -o {dest}.part '{server.url}' && mv {dest}.part {dest}" in msg
+    assert f"curl -L -C - -o {dest}.part {server.url} && mv {dest}.part {dest}" in msg  # nothing to quote here
     assert "browser" in msg
     assert not dest.exists()
     assert not _part(dest).exists()
@@ -316,3 +330,96 @@ def test_a_file_changed_upstream_is_not_spliced(server, tmp_path):
     assert server.requests[-1]["Range"] == f"bytes={MB}-" and server.requests[-1]["If-Range"] == '"v1"'
     assert dest.read_bytes() == new
     assert not _part(dest).exists() and not (tmp_path / "file.bin.part.validator").exists()
+
+
+def test_manual_hint_quotes_paths(server, tmp_path):
+    """The curl command of the hint can be pasted into a shell as is, also for a folder with a space in its name."""
+    server.status = 404
+    dest = tmp_path / "my data" / "file.bin"
+    with pytest.raises(DownloadError) as ei:
+        download(server.url, dest, **FAST)
+    command = re.search(r"`(curl [^`]*)`", str(ei.value)).group(1)
+    assert shlex.split(command) == ["curl", "-L", "-C", "-", "-o", f"{dest}.part", server.url, "&&",
+                                    "mv", f"{dest}.part", str(dest)]
+
+
+class _FullDisk:
+    """A file open for writing on a full disk: every write fails with ENOSPC."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_ends_at_once(server, tmp_path, monkeypatch):
+    """A local write error is no network failure: no retry, no backoff, and a message about the disk; the part is
+    kept for a rerun to resume."""
+    def full_open(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        return _FullDisk(f) if set(mode) & set("wa") else f
+
+    monkeypatch.setattr(sources, "open", full_open, raising=False)  # the module's open(); the part's writes fail
+    sleeps = []
+    monkeypatch.setattr(sources.time, "sleep", sleeps.append)
+    dest = tmp_path / "file.bin"
+    _part(dest).write_bytes(PAYLOAD[:MB])
+    with pytest.raises(DataError) as ei:
+        download(server.url, dest, size=len(PAYLOAD), **FAST)
+    msg = str(ei.value)
+    assert f"cannot write {_part(dest)}: [Errno {errno.ENOSPC}] No space left on device" in msg
+    assert "free disk space" in msg and "rerun to resume" in msg
+    assert len(server.requests) == 1 and sleeps == []
+    assert _part(dest).read_bytes() == PAYLOAD[:MB] and not dest.exists()
+
+
+def test_unresolvable_host_is_retried_once(tmp_path, monkeypatch):
+    """Offline, a host name does not resolve: one retry, not the whole backoff (2+4+8+16+32 s for each URL)."""
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)  # no query leaves the machine (.invalid never resolves anyway)
+    sleeps = []
+    monkeypatch.setattr(sources.time, "sleep", sleeps.append)
+    url = "http://nonexistent.invalid/x"
+    with pytest.raises(DownloadError) as ei:
+        download(url, tmp_path / "x", retries=5, backoff=2.0)
+    assert len(sleeps) <= 1
+    msg = str(ei.value)
+    assert url in msg and "gaierror" in msg and "offline" in msg and "curl -L -C - -o" in msg
+
+
+def test_part_is_synced_once_before_the_rename(server, tmp_path, monkeypatch):
+    """The complete part is fsync'ed before it is verified and renamed, so a crash never leaves a named file whose
+    blocks were not written; once per file, however many requests it took."""
+    events, synced = [], []
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        events.append("fsync")
+
+    def verify(*args, **kwargs):
+        events.append("verify")
+        return real_verify(*args, **kwargs)
+
+    def replace(src, dst):
+        events.append("replace")
+        return real_replace(src, dst)
+
+    real_verify, real_replace = sources._verify, os.replace
+    monkeypatch.setattr(sources.os, "fsync", fsync)
+    monkeypatch.setattr(sources, "_verify", verify)
+    monkeypatch.setattr(sources.os, "replace", replace)
+    server.cut_after = MB  # two requests
+    dest = tmp_path / "file.bin"
+    download(server.url, dest, size=len(PAYLOAD), md5=hashlib.md5(PAYLOAD).hexdigest(), **FAST)
+    assert len(server.requests) == 2
+    assert events == ["fsync", "verify", "replace"]
+    assert synced == [dest.stat().st_ino]  # the part's, now under the final name

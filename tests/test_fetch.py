@@ -1,7 +1,9 @@
 """fetch() (msmarco/sources.py): a missing source is downloaded once (also by parallel processes), from a mirror
 when the first address is dead, verified; the bundled sample is never downloaded nor size-checked. Downloads go
 to a local HTTP server."""
+import errno
 import hashlib
+import os
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -113,3 +115,23 @@ def test_fetch_refuses_incomplete_existing_file(tmp_path, monkeypatch):
     assert "incomplete" in str(e.value) and str(tmp_path / name) in str(e.value)
     _patch_source(monkeypatch, name, ["http://127.0.0.1:9/never"], (SAMPLE / name).stat().st_size, None)
     assert sources.fetch(name, tmp_path) == tmp_path / name
+
+
+def test_fetch_into_read_only_folder(tmp_path, monkeypatch):
+    """A missing file and a data folder that cannot be written: the user's error, with what to do, no traceback."""
+    name = "qrels.train.tsv"
+    folder = tmp_path / "data"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:  # root writes there anyway: fail the lock file as the read-only folder would
+        def refuse(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        monkeypatch.setattr(sources.paths, "file_lock", refuse)
+    try:
+        with pytest.raises(errors.DataError) as e:
+            sources.fetch(name, folder)
+    finally:
+        folder.chmod(0o755)  # so that pytest can clean it up
+    msg = str(e.value)
+    assert f"{folder} is not writable" in msg and "Permission denied" in msg
+    assert f"{name} is missing" in msg and sources.SOURCES[name].urls[0] in msg and "--data_dir" in msg
