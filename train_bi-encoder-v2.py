@@ -76,7 +76,7 @@ class Config:
     max_triples: int = 20_000_000  # with negatives=triples: lines sampled uniformly from the whole qidpidtriples
     loss: str = "mnrl"  # mnrl, or cached_mnrl: GradCache, large batches in the memory of mini_batch_size
     mini_batch_size: int = 32  # with cached_mnrl: texts encoded at once
-    scale: float = 20.0  # MNRL logit scale (1 / temperature)
+    scale: float = 0.0  # MNRL logit scale (1 / temperature); 0: 20 for cosine, 1 for dot (unnormalised: already logits)
     epochs: int = 10  # passes over the training queries
     max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
     batch_size: int = 64  # queries per step: each brings a positive and a hard negative; larger is better for MNRL
@@ -203,6 +203,13 @@ def rotation_epochs(cfg: Config, n_queries: int, world: int) -> int:
     return max(cfg.epochs, -(-cfg.max_steps // steps_per_epoch) + 1)
 
 
+def loss_scale(cfg: Config) -> float:
+    """MNRL's scale: the published 20 on cosines (in [-1, 1]); 1 on the dot products of unnormalised embeddings,
+    whose size (MiniLM's mean-pooled norms are 5-7, so dot products reach hundreds) is already a logit's: x 20 would
+    saturate the softmax, each query's loss about 0 or huge (sentence-transformers' MNRL docs say so too)."""
+    return cfg.scale or (20.0 if cfg.similarity == "cosine" else 1.0)
+
+
 def main(cfg: Config) -> dict:
     if cfg.similarity not in ("cosine", "dot") or cfg.loss not in ("mnrl", "cached_mnrl"):
         raise SystemExit(f"--similarity must be cosine or dot (got {cfg.similarity!r}); --loss mnrl or "
@@ -238,7 +245,7 @@ def main(cfg: Config) -> dict:
     #    negatives for each other (gather_across_devices). cached_mnrl takes plain padded columns.
     batches = TextBatches(data, model.tokenizer, batch_shape(cfg.max_seq_length, cfg.pad_multiple, cfg.chunk_cost),
                           chunked=cfg.loss == "mnrl")
-    common = dict(scale=cfg.scale, similarity_fct=model.similarity, gather_across_devices=process_group()[1] > 1)
+    common = dict(scale=loss_scale(cfg), similarity_fct=model.similarity, gather_across_devices=process_group()[1] > 1)
     loss = (on_token_batches(MultipleNegativesRankingLoss(model, **common)) if cfg.loss == "mnrl" else
             CachedMultipleNegativesRankingLoss(model, mini_batch_size=cfg.mini_batch_size, **common))
 

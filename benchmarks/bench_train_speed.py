@@ -202,7 +202,7 @@ def make_trainer(recipe: str, mod, cfg, config: str, device: str, steps: int, se
         positives, negatives = mod.training_queries(data, cfg)
         rows = mod.rotation(positives, negatives, 1, cfg.seed)
         ids = mod.training_triplets(rows)
-        loss = MultipleNegativesRankingLoss(model, scale=cfg.scale)
+        loss = MultipleNegativesRankingLoss(model, scale=mod.loss_scale(cfg))
         if config == "stock":
             queries, collection = data.queries("train"), data.collection()
 

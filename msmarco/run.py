@@ -15,14 +15,20 @@ from .distributed import barrier, init_distributed, is_main_process, main_proces
 from .errors import OutputFolderError
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary one and a rename: a crash leaves the old file or the new one, never half of
+    one (a half-written results.json would mark a cut run as finished)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_config(cfg, out_dir: Path, **run) -> Path:
     """Write the config a run used beside its outputs, so a result can be traced to its settings (and `run`: facts
     of the run that are not config fields, such as its number of processes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**dataclasses.asdict(cfg), **run}, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({**dataclasses.asdict(cfg), **run}, indent=2, default=str) + "\n")
     return path
 
 
@@ -50,9 +56,14 @@ def _history_callback_class():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if self.path.exists():
-                kept = [ln for ln in self.path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln).get("step", 0) <= state.global_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+                for ln in self.path.read_text().splitlines():
+                    try:
+                        row = json.loads(ln)
+                    except ValueError:  # a line cut by a crash mid-append: the resumed run logs that step again
+                        continue
+                    if row.get("step", 0) <= state.global_step:
+                        kept.append(ln)
+            write_atomic(self.path, "".join(ln + "\n" for ln in kept))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if args.process_index == 0 and logs:
@@ -156,6 +167,8 @@ def start_run(cfg, out: Path) -> str | None:
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
                 for name in ("metrics.jsonl", "baselines.json"):
                     (out / name).unlink(missing_ok=True)
+                for name in ("model", "model.tmp", "model.old"):  # a previous run's model must not sit beside
+                    shutil.rmtree(out / name, ignore_errors=True)  # this run's config
             else:
                 print(f"resuming from {checkpoint}")
             (out / "results.json").unlink(missing_ok=True)  # the figures of a run that is no longer the folder's
@@ -253,6 +266,6 @@ def report(trainer, out: Path, results: dict, title: str) -> None:
     """results.json, the metric plot and a printed table of the baselines and the trained model (main process)."""
     if not trainer.is_world_process_zero():
         return
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_atomic(out / "results.json", json.dumps(results, indent=1))
     plot_history(out / "metrics.jsonl", out / "metrics.png", trainer.args.metric_for_best_model)
     print_table(results, title)

@@ -249,3 +249,18 @@ def test_max_steps_beyond_the_configured_epochs_train_on(tmp_path, monkeypatch):
     assert [r["step"] for r in history if "loss" in r] == list(range(1, 9)) and history[-2]["epoch"] > 1
     assert 0 <= res["dev-test"]["trained"]["MRR@10"] <= 1
     assert bi.rotation_epochs(cfg, 179, world=1) >= 2 and bi.rotation_epochs(cfg, 179, world=2) >= 3
+
+
+def test_loss_scale_follows_the_similarity():
+    """20 on cosines (the published recipe); 1 on unnormalised dot products, which are logit-sized already: the
+    offline base's mean-pooled embeddings have norms of 5-7, so x 20 would put a positive's logit in the hundreds."""
+    assert bi.loss_scale(bi.Config()) == 20.0
+    assert bi.loss_scale(config.parse_cli(bi.Config(), ["--similarity=dot"])) == 1.0
+    assert bi.loss_scale(config.parse_cli(bi.Config(), ["--similarity=dot", "--scale=5"])) == 5.0
+    from sentence_transformers import SentenceTransformer
+    from msmarco.models import resolve_model
+    from sentence_transformers.models import Pooling, Transformer
+    t = Transformer(resolve_model("offline:all-MiniLM-L6-v2"), max_seq_length=32)
+    model = SentenceTransformer(modules=[t, Pooling(t.get_embedding_dimension(), "mean")], device="cpu")
+    norms = model.encode(["what is a bi-encoder", "the capital of france is paris"], convert_to_tensor=True).norm(dim=1)
+    assert (norms > 2).all()  # why dot products need no extra scale

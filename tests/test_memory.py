@@ -5,11 +5,11 @@ each in a fresh subprocess; the larger one's peak RSS growth (over the same proc
 stay within TOLERANCE_MIB of the smaller one's. A loader that builds Python objects per row (pickle.load of
 the score dict, a list of teacher rows) would grow by hundreds of MiB between the two sizes.
 
-Sizes: the teacher reader (formats.iter_int_rows) parses chunks of 40 MB of text (~1M lines) and keeps
-the previous chunk's lines and tokens alive while it reads the next, so its peak is reached only after two
-full chunks (~2M lines, ~630 MiB). With 0.3M and 1.2M lines at the default chunk size the comparison would
-measure how full the first chunks are, not scaling; the child therefore sets a 65k-line chunk (an argument
-default of iter_int_rows), so both files span several chunks. The absolute peak at the default chunk size is
+Sizes: the teacher reader (formats.iter_int_rows) parses chunks of 8 MB of text (~210k teacher lines of ~38
+bytes) and keeps the previous chunk alive while it reads the next, so its peak is reached only after two full
+chunks. With 0.3M and 1.2M lines at the default chunk size the comparison would measure how full the first
+chunks are, not scaling; the child therefore sets 64 KiB chunks (~1.7k lines; `chunk_bytes`, an argument default
+of iter_int_rows), so both files span many chunks. The absolute peak at the default chunk size is
 what benchmarks/bench_prepare.py reports. The score reader holds one pickle batch of 1,000 queries (~320k
 entries) at a time, so both pickles hold more than one batch (0.5M and 2.0M entries).
 """
@@ -30,7 +30,7 @@ import generate_synthetic as gen  # noqa: E402
 from msmarco import score_pickle, stores  # noqa: E402
 
 TOLERANCE_MIB = 40
-TEACHER_CHUNK_LINES = 1 << 16  # iter_int_rows parses 65k-line chunks here (default 1M): 0.3M lines = 4.6 chunks
+TEACHER_CHUNK_BYTES = 1 << 16  # iter_int_rows parses 64 KiB chunks here (default 8 MiB): 0.3M lines = ~170 chunks
 N_PASSAGES = 1_000_000  # pid range of the synthetic files (no collection is built: stores get collection=None)
 
 # VmHWM, the peak RSS of the child's own process image: ru_maxrss would start at the pytest parent's RSS
@@ -44,10 +44,10 @@ from msmarco import formats, stores
 def hwm_kib():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
 
-kind, src, dst, chunk_lines = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-if chunk_lines:  # smaller parse chunks, so that both test sizes span many chunks (see the module doc)
+kind, src, dst, chunk_bytes = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+if chunk_bytes:  # smaller parse chunks, so that both test sizes span many chunks (see the module doc)
     d = list(formats.iter_int_rows.__defaults__)
-    d[0] = chunk_lines
+    d[0] = chunk_bytes
     formats.iter_int_rows.__defaults__ = tuple(d)
 base = hwm_kib()
 t = time.time()
@@ -62,9 +62,9 @@ print(json.dumps({"base_kib": base, "peak_kib": hwm_kib(), "seconds": time.time(
 """
 
 
-def _prepare(kind: str, src: Path, dst: Path, chunk_lines: int = 0) -> dict:
+def _prepare(kind: str, src: Path, dst: Path, chunk_bytes: int = 0) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", CHILD, kind, str(src), str(dst), str(chunk_lines)], env=env, cwd=ROOT,
+    p = subprocess.run([sys.executable, "-c", CHILD, kind, str(src), str(dst), str(chunk_bytes)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -130,7 +130,7 @@ def test_teacher_memory_does_not_grow(tmp_path):
     for n in (300_000, 1_200_000):
         src = tmp_path / f"teacher{n}.tsv"
         gen.write_teacher(src, n, N_PASSAGES, seed=n)
-        r = _prepare("teacher", src, tmp_path / f"store{n}", chunk_lines=TEACHER_CHUNK_LINES)
+        r = _prepare("teacher", src, tmp_path / f"store{n}", chunk_bytes=TEACHER_CHUNK_BYTES)
         assert r["info"]["rows"] == n
         runs[n] = r
         arr = stores.load_array(tmp_path / f"store{n}", "teacher.bin", np.uint8).view(stores.TEACHER_DTYPE)
@@ -154,7 +154,7 @@ def test_triples_sample_memory_does_not_grow_with_the_file(tmp_path):
     for n in (500_000, 4_000_000):
         src = tmp_path / f"triples{n}.tsv.gz"
         assert gen.write_triples(src, n, N_PASSAGES, seed=n)["rows"] == n
-        r = _prepare(f"triples:{n_keep}", src, tmp_path / f"store{n}", chunk_lines=1 << 20)  # 1 MB: 12+ chunks
+        r = _prepare(f"triples:{n_keep}", src, tmp_path / f"store{n}", chunk_bytes=1 << 20)  # 1 MiB: 12+ chunks
         assert r["info"]["rows"] == n_keep and r["info"]["lines"] == n
         runs[n] = r
     every = np.concatenate(list(gen.iter_triples_chunks(4_000_000, N_PASSAGES, seed=4_000_000)))

@@ -122,6 +122,8 @@ def test_resume_continues_from_checkpoint(name, tiny_runs, tmp_path, capsys):
     shutil.copytree(out, tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "checkpoint-4")
     shutil.rmtree(tmp_path / "cut" / "model")
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # the process was killed mid-append: that line is dropped, not a JSON error
     cut = config.parse_cli(cfg, [f"--output_dir={tmp_path / 'cut'}"])
     capsys.readouterr()
     resumed = mod.main(cut)
@@ -163,7 +165,7 @@ def test_a_cut_run_refuses_another_config_and_a_finished_one_is_replaced(tiny_ru
             run.start_run(reporting, cut)
     assert json.loads((cut / "config.json").read_text())["world_size"] == 1
     assert run.start_run(config.parse_cli(other, ["--resume=false"]), cut) is None  # replaced on request
-    assert not (cut / "checkpoints").exists()
+    assert not (cut / "checkpoints").exists() and not (cut / "model").exists()
 
     done = tmp_path / "done"
     shutil.copytree(out, done)
@@ -171,6 +173,7 @@ def test_a_cut_run_refuses_another_config_and_a_finished_one_is_replaced(tiny_ru
     (done / "results.json").write_text("{}")  # finished, as a resumed run leaves it again
     assert run.start_run(config.parse_cli(other, [f"--output_dir={done}"]), done) is None
     assert not (done / "checkpoints").exists() and not (done / "results.json").exists()
+    assert not (done / "model").exists()  # the old run's model never sits beside the new run's config
     assert json.loads((done / "config.json").read_text())["lr"] == 7e-6
 
 
