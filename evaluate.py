@@ -110,6 +110,8 @@ def model_label(name: str, folder: Path) -> str:
         return folder.parent.name
     if folder.name.startswith("checkpoint-"):
         return f"{folder.parent.parent.name}-{folder.name}"
+    if folder.parent.name == "snapshots":  # a hub model in the HF cache: its name, not the revision's hash (one
+        return name.rstrip("/").rsplit("/", 1)[-1]  # embedding cache per model, whichever revision)
     return folder.name
 
 
@@ -218,6 +220,21 @@ def _candidate_lists(split: BenchmarkSplit, data_dir: Path, run_file: str, depth
     return out, (f"BM25 run {path}" if order == "BM25" else str(path)), order
 
 
+def _reference_at_hand(data_dir: Path, split: str) -> bool:
+    """Whether a bi-encoder's table can show BM25 beside it without a download (top1000.dev alone is 687 MB)."""
+    return (data_dir / BM25_RUNS / f"{split}.run").is_file() or all(
+        (data_dir / f).exists() for f in SPLIT_FILES[split] if "top1000" in f)
+
+
+def keep_head_fp32(model) -> None:
+    """Under .half(), keep a cross-encoder's output layer (its last Linear) in fp32, fed fp32: fp16 logits step by
+    0.008-0.016 at the 2-19 of a MiniLM cross-encoder, enough to tie close candidates (ties then go by pid)."""
+    import torch
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    head.float()
+    head.register_forward_pre_hook(lambda mod, args: tuple(a.float() for a in args))
+
+
 def _bi_encoder_splits(model, folder: Path, data, splits: list[BenchmarkSplit], cfg: Config, out: Path, tag: str):
     coll = data.collection()
     cache = data.dir / paths.PREPARED / "embeddings" / embedding_fingerprint(folder, model, coll)
@@ -292,6 +309,7 @@ def main(cfg: Config) -> dict:
     label = model_label(cfg.model, folder)
     out = paths.resolve_dir(cfg.output_dir or paths.OUTPUT_DIR / "evaluate" / label)
     save_config(cfg, out)
+    (out / "metrics.json").unlink(missing_ok=True)  # an earlier evaluation's, until this one writes its own
     data = MSMarco(cfg.data_dir)
     is_sample = paths.is_sample(data.dir)
     if kind == "bi-encoder" and cfg.run_file:
@@ -318,6 +336,8 @@ def main(cfg: Config) -> dict:
         model = CrossEncoder(str(folder), device=device, max_length=cfg.max_length if cfg.max_length > 0 else None)
     if cfg.half and device == "cuda":
         model.half()
+        if kind == "cross-encoder":
+            keep_head_fp32(model)
     model.eval()
     tag = "".join(c if c.isalnum() or c in "-_.:" else "_" for c in label) or "model"
 
@@ -342,6 +362,10 @@ def main(cfg: Config) -> dict:
     #    An official candidate file in file order is no ranking: only its recall over all candidates is kept.
     unranked = []
     for s in splits:
+        if s.name not in lists and not _reference_at_hand(data.dir, s.name):
+            print(f"note: no BM25 column for {s.name}: neither {BM25_RUNS / (s.name + '.run')} nor its candidate file "
+                  f"is in {data.dir} (a bi-encoder needs neither, so neither is downloaded)")
+            continue
         cands, order = lists[s.name] if s.name in lists else \
             _candidate_lists(s, data.dir, "", cfg.depth, cut=False)[::2]
         m = StreamingMetrics(s.qrels, s.min_grade, _recall_ks(cfg.depth))

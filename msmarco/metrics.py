@@ -17,8 +17,9 @@ original rank column of a TREC run file is ignored, exactly as trec_eval does.
 Which queries count
 -------------------
 Every mean is taken over the queries of ``qrels`` that have at least one
-relevant document (grade >= ``min_grade``; for nDCG: grade > 0).  A query of
-that set that is missing from the run scores 0.  This follows the official
+document of grade > 0; for MRR and recall at ``min_grade`` 2 (TREC DL) a query
+of that set with no document of grade >= 2 scores 0, as under trec_eval -l 2.
+A query of that set that is missing from the run scores 0.  This follows the official
 MS MARCO evaluation script, which divides by the number of judged queries.
 Note that trec_eval's default (and hence ir-measures) instead *skips* queries
 absent from the run, so the two agree only when the run covers every judged
@@ -74,7 +75,7 @@ def rank(run_for_query: dict[str, float], k: int | None = None) -> list[str]:
     return [pid for pid, _ in ranked]
 
 
-def _judged_queries(qrels: Qrels, min_grade: int) -> list[str]:
+def _judged_queries(qrels: Qrels, min_grade: int = 1) -> list[str]:
     """Queries with at least one document of grade >= min_grade."""
     return [qid for qid, docs in qrels.items() if any(g >= min_grade for g in docs.values())]
 
@@ -104,14 +105,15 @@ def _ndcg(ranked: list[str], judged: dict[str, int], k: int) -> float:
 
 def _recall(ranked: list[str], judged: dict[str, int], min_grade: int) -> float:
     relevant = {pid for pid, g in judged.items() if g >= min_grade}
-    return sum(1 for pid in ranked if pid in relevant) / len(relevant)
+    return sum(1 for pid in ranked if pid in relevant) / len(relevant) if relevant else 0.0
 
 
 def mrr_at_k(run: Run, qrels: Qrels, k: int = 10, min_grade: int = 1) -> float:
-    """Mean reciprocal rank of the first doc with grade >= min_grade in the top k (else 0)."""
+    """Mean reciprocal rank of the first doc with grade >= min_grade in the top k (else 0), over every query with a
+    grade > 0: as trec_eval -l 2 does on TREC DL, a judged query with no doc of min_grade counts, with 0."""
     return _mean([
         _reciprocal_rank(rank(run.get(qid, {}), k), qrels[qid], min_grade)
-        for qid in _judged_queries(qrels, min_grade)
+        for qid in _judged_queries(qrels, 1)
     ])
 
 
@@ -129,10 +131,11 @@ def ndcg_at_k(run: Run, qrels: Qrels, k: int = 10) -> float:
 
 
 def recall_at_k(run: Run, qrels: Qrels, k: int = 100, min_grade: int = 1) -> float:
-    """|relevant (grade >= min_grade) in top k| / |relevant|, averaged over queries."""
+    """|relevant (grade >= min_grade) in top k| / |relevant|, averaged over the queries with a grade > 0 (0 where none
+    reaches min_grade, as in trec_eval)."""
     return _mean([
         _recall(rank(run.get(qid, {}), k), qrels[qid], min_grade)
-        for qid in _judged_queries(qrels, min_grade)
+        for qid in _judged_queries(qrels, 1)
     ])
 
 
@@ -149,17 +152,13 @@ def evaluate_run(
     depth = max([10, *recall_ks])
     rr, ndcg, recall = [], [], {k: [] for k in recall_ks}
     for qid, judged in qrels.items():
-        has_positive = any(g > 0 for g in judged.values())
-        has_relevant = any(g >= min_grade for g in judged.values())
-        if not (has_positive or has_relevant):
+        if not any(g > 0 for g in judged.values()):
             continue
         ranked = rank(run.get(qid, {}), depth)
-        if has_positive:
-            ndcg.append(_ndcg(ranked[:10], judged, 10))
-        if has_relevant:
-            rr.append(_reciprocal_rank(ranked[:10], judged, min_grade))
-            for k in recall_ks:
-                recall[k].append(_recall(ranked[:k], judged, min_grade))
+        ndcg.append(_ndcg(ranked[:10], judged, 10))
+        rr.append(_reciprocal_rank(ranked[:10], judged, min_grade))
+        for k in recall_ks:
+            recall[k].append(_recall(ranked[:k], judged, min_grade))
     metrics = {"MRR@10": _mean(rr), "nDCG@10": _mean(ndcg)}
     for k in recall_ks:
         metrics[f"R@{k}"] = _mean(recall[k])
@@ -229,8 +228,7 @@ class StreamingMetrics:
     def result(self) -> dict[str, float]:
         out = {}
         for metric in ("MRR@10", "nDCG@10", *(f"R@{k}" for k in self.recall_ks)):
-            floor = 1 if metric == "nDCG@10" else self.min_grade
             vals = [self.values[q][metric] if q in self.values else 0.0
-                    for q, judged in self.qrels.items() if any(g >= floor for g in judged.values())]
+                    for q, judged in self.qrels.items() if any(g > 0 for g in judged.values())]
             out[metric] = _mean(vals)
         return out

@@ -195,6 +195,20 @@ def test_query_without_relevant_doc_is_excluded():
     assert mrr_at_k(run, {"q2": {"d2": 0}}) == 0.0  # nothing judged relevant at all
 
 
+def test_judged_query_without_a_grade_2_doc_counts_zero_as_in_trec_eval(irm):
+    """TREC DL's MRR and recall (grade >= 2) over every judged query: one judged only 1 and 0 scores 0 there, as
+    under trec_eval -l 2, rather than leaving the mean (which would lift it)."""
+    from ir_measures import R, RR, nDCG
+
+    qrels = {"1": {"a": 2}, "2": {"b": 1, "c": 0}}
+    run = {"1": {"a": 1.0}, "2": {"b": 1.0}}
+    agg = irm.pytrec_eval.calc_aggregate([RR(rel=2) @ 10, R(rel=2) @ 100, nDCG @ 10], qrels, run)
+    assert mrr_at_k(run, qrels, min_grade=2) == pytest.approx(agg[RR(rel=2) @ 10], abs=TOL) == 0.5
+    assert recall_at_k(run, qrels, k=100, min_grade=2) == pytest.approx(agg[R(rel=2) @ 100], abs=TOL) == 0.5
+    assert evaluate_run(run, qrels, min_grade=2, recall_ks=(100,)) == pytest.approx(
+        {"MRR@10": 0.5, "nDCG@10": agg[nDCG @ 10], "R@100": 0.5})
+
+
 def test_mrr_cutoff():
     docs = {f"d{i:02d}": 100.0 - i for i in range(1, 21)}  # d01 at rank 1 ... d20 at rank 20
     run, qrels = {"q": docs}, {"q": {"d11": 1}}
