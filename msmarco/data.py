@@ -11,7 +11,7 @@ import numpy as np
 
 from . import paths
 from .errors import DataError
-from .formats import bad_line, iter_id_text, iter_lines, read_qrels
+from .formats import bad_line, iter_id_text, iter_lines, iter_qrels, read_qrels
 from .hard_negatives import HardNegatives, filter_negatives
 from .sources import fetch
 from .stores import (TEACHER_DTYPE, Grouped, GroupedWriter, ScoreStore, TextStore, build_teacher, build_triples,
@@ -167,7 +167,10 @@ class MSMarco:
         setting = dict(ce_margin=ce_margin, negs_per_system=per_system, systems=sorted(systems))
 
         def build(folder):
-            ce, qrels, rng = self.ce_scores(), self.qrels("train"), np.random.default_rng(0)
+            ce, rng = self.ce_scores(), np.random.default_rng(0)
+            # the judged training queries, as a set for this build only: the qrels' dict of dicts (532k lines, ~180
+            # MB) would otherwise stay cached for the life of the process, in every torchrun process
+            qrels = {qid for qid, _, _ in iter_qrels(self.path("qrels.train.tsv"))}
             pos_w, neg_w = GroupedWriter(folder, "pos"), GroupedWriter(folder, "neg")
             for i, qid in enumerate(hn.qids.tolist()):  # ascending
                 if i % 50_000 == 0:
