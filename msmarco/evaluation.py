@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -312,9 +311,7 @@ class RetrievalEvaluator(BaseEvaluator):
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    paths.write_atomic(path, json.dumps(obj, indent=1))
 
 
 def encode_collection(model, collection: "TextStore", cache_dir, batch_size: int = 64,

@@ -1,8 +1,10 @@
 """Where things live: the repository, the data folders, the outputs; relative paths resolved against the repository
-(never the working directory); an inter-process file lock for work that one process must do alone."""
+(never the working directory); an inter-process file lock for work that one process must do alone; files written
+whole (a temporary file and a rename) and put on disk before they are published."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 try:
@@ -46,3 +48,21 @@ def file_lock(path: Path):
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
         yield
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary one (named by process) and a rename: a crash leaves the old file or the new
+    one, never half of one (a half-written results.json would mark a cut run as finished)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def fsync_file(path: Path) -> None:
+    """Put a file's written blocks on disk, before a rename publishes it: after a power cut the published name must
+    not stand for blocks that were still in the page cache (an empty or short file that reads as valid)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

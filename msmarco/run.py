@@ -15,20 +15,12 @@ from .distributed import barrier, init_distributed, is_main_process, main_proces
 from .errors import OutputFolderError
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file through a temporary one and a rename: a crash leaves the old file or the new one, never half of
-    one (a half-written results.json would mark a cut run as finished)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_config(cfg, out_dir: Path, **run) -> Path:
     """Write the config a run used beside its outputs, so a result can be traced to its settings (and `run`: facts
     of the run that are not config fields, such as its number of processes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "config.json"
-    write_atomic(path, json.dumps({**dataclasses.asdict(cfg), **run}, indent=2, default=str) + "\n")
+    paths.write_atomic(path, json.dumps({**dataclasses.asdict(cfg), **run}, indent=2, default=str) + "\n")
     return path
 
 
@@ -63,7 +55,7 @@ def _history_callback_class():
                         continue
                     if row.get("step", 0) <= state.global_step:
                         kept.append(ln)
-            write_atomic(self.path, "".join(ln + "\n" for ln in kept))
+            paths.write_atomic(self.path, "".join(ln + "\n" for ln in kept))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if args.process_index == 0 and logs:
@@ -266,6 +258,6 @@ def report(trainer, out: Path, results: dict, title: str) -> None:
     """results.json, the metric plot and a printed table of the baselines and the trained model (main process)."""
     if not trainer.is_world_process_zero():
         return
-    write_atomic(out / "results.json", json.dumps(results, indent=1))
+    paths.write_atomic(out / "results.json", json.dumps(results, indent=1))
     plot_history(out / "metrics.jsonl", out / "metrics.png", trainer.args.metric_for_best_model)
     print_table(results, title)

@@ -148,9 +148,7 @@ def _sync(part: Path) -> None:
     """Put the complete part on disk before it is renamed into place: after a crash or power cut the file under the
     final name is then the whole file, never a name for blocks that were still in the page cache."""
     try:
-        with open(part, "ab") as f:
-            f.flush()
-            os.fsync(f.fileno())
+        paths.fsync_file(part)
     except OSError as e:
         raise _cannot_write(part, e) from e
 

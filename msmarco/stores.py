@@ -35,17 +35,6 @@ def _built(final: Path, want: dict) -> bool:
         return False
 
 
-def _sync(folder: Path) -> None:
-    """Flush a built store's files to the disk before the rename that publishes it: after a power loss a published
-    store must not hold a meta.json beside empty or short arrays (a memory map would read those as valid rows)."""
-    for f in folder.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def prepared(data_dir: Path, name: str, sources: list[Path], build: Callable[[Path], dict | None]) -> Path:
     """The folder of store `name`, built by `build(tmp_dir)` unless an up-to-date one exists.
 
@@ -76,7 +65,8 @@ def prepared(data_dir: Path, name: str, sources: list[Path], build: Callable[[Pa
             info = build(tmp) or {}
             (tmp / "meta.json").write_text(json.dumps(
                 {"fingerprint": want, "built_seconds": round(time.time() - t0, 1), **info}, indent=1))
-            _sync(tmp)
+            for f in tmp.iterdir():  # on disk before the rename publishes the store: no meta.json beside short arrays
+                paths.fsync_file(f)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except BaseException:

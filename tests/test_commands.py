@@ -7,6 +7,8 @@ full-scale commands' code on the sample (test_scripts.py's tiny runs), the set-u
 8-GPU launcher lines cannot run here: their arguments are checked with the launchers' own parsers.
 """
 import ast
+import dataclasses
+import json
 import re
 import shlex
 import subprocess
@@ -108,7 +110,7 @@ def test_help_lists_every_field_and_exits_0(script):
     proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     mod = load(script[:-3])
-    fields = [f.name for f in __import__("dataclasses").fields(mod.Config)]
+    fields = [f.name for f in dataclasses.fields(mod.Config)]
     for name in fields:
         assert f"--{name}" in proc.stdout + proc.stderr, name
 
@@ -140,7 +142,6 @@ def test_sample_evaluation_command_with_a_tiny_budget(tmp_path):
                            "--splits=dev", f"--output_dir={out}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
     assert "dev" in json.loads((out / "metrics.json").read_text())["splits"]
 
 
