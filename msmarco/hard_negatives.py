@@ -14,6 +14,14 @@ from .formats import bad_line, iter_lines
 from .stores import ArrayWriter, TextStore, load_array, write_sorted_index
 
 
+def _pids(values) -> np.ndarray:
+    """A record's list of pids as int64: a flat list of JSON integers, nothing truncated (7.9 is not pid 7)."""
+    a = np.asarray(values)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise ValueError("pos and neg lists must be flat lists of integer pids")
+    return a.astype(np.int64)
+
+
 class HardNegatives:
     """Per query: positives, and per mining system its negatives in rank order (memory-mapped)."""
 
@@ -60,11 +68,9 @@ class HardNegatives:
             try:
                 rec = json.loads(line)
                 qid, pos, neg = int(rec["qid"]), rec["pos"], rec["neg"]
-                pos = np.asarray(pos, dtype=np.int64)
-                segs = [(str(k), np.asarray(v, dtype=np.int64)) for k, v in neg.items()]
-                if pos.ndim != 1 or any(v.ndim != 1 for _, v in segs):
-                    raise ValueError("pos and neg lists must be flat lists of pids")
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                pos = _pids(pos)
+                segs = [(str(k), _pids(v)) for k, v in neg.items()]
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
                 raise bad_line(path, lineno, line, f'{{"qid": int, "pos": [pid], "neg": {{system: [pid]}}}} ({e})')
             buf["qids_unsorted"].append(qid)
             buf["pos"].append(pos.astype(np.int32))

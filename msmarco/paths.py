@@ -4,8 +4,11 @@ whole (a temporary file and a rename) and put on disk before they are published.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
+
+from .errors import DataError
 
 try:
     import fcntl  # POSIX: serialises downloads and store builds between processes
@@ -54,8 +57,25 @@ def write_atomic(path: Path, text: str) -> None:
     """Write a file through a temporary one (named by process) and a rename: a crash leaves the old file or the new
     one, never half of one (a half-written results.json would mark a cut run as finished)."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        fsync_file(tmp)  # a power cut must not leave the new name on blocks still in the page cache
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise (disk_full(path, e) if out_of_space(e) else e) from e
+
+
+def out_of_space(e: OSError) -> bool:
+    """Whether a write failed for want of disk (full, over quota, over the file-size limit): the user's to fix, not
+    a bug. numpy's short write (ndarray.tofile) carries no errno, only its message."""
+    return (e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            or e.errno is None and "requested and" in str(e) and "written" in str(e))
+
+
+def disk_full(path: Path, e: OSError) -> DataError:
+    return DataError(f"cannot write {path}: no room on its disk ({e}); nothing half-written was kept: free disk space "
+                     f"(or pass --data_dir/--output_dir on a larger disk) and rerun")
 
 
 def fsync_file(path: Path) -> None:

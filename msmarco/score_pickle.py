@@ -249,6 +249,8 @@ def stream_score_pickle(path: Path, emit: Callable[[int, list, list], None]) -> 
                 stack.append(call(op, stack.pop(), args))
             elif op == b"X":
                 stack.append(s.take(unpack_i(s.take(4))[0]).decode("utf-8"))
+            elif op == b"V":  # protocol 0's text (a numpy scalar's dtype code and bytes)
+                stack.append(s.line().decode("raw_unicode_escape"))
             elif op == b"u":
                 k = marks.pop()
                 items = stack[k:]
@@ -341,7 +343,9 @@ def stream_score_pickle(path: Path, emit: Callable[[int, list, list], None]) -> 
                 k = marks.pop()
                 items = stack[k:]
                 del stack[k:]
-                stack.append(dict(zip(items[::2], items[1::2])))
+                # protocols 0 and 1 open every dict as MARK DICT with no items (SETITEM fills it): the root, or a
+                # query's scores, must then be recognised as such
+                stack.append(dict(zip(items[::2], items[1::2])) if items else new_dict())
             elif op == b"l":
                 k = marks.pop()
                 items = stack[k:]

@@ -69,8 +69,10 @@ def prepared(data_dir: Path, name: str, sources: list[Path], build: Callable[[Pa
                 paths.fsync_file(f)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and paths.out_of_space(e):
+                raise paths.disk_full(final, e) from e
             raise
     return final
 

@@ -202,6 +202,22 @@ def test_unknown_pid(copy, damage):
     assert left == ["collection"]  # the (good) collection store was built on the way
 
 
+@pytest.mark.parametrize("pids", [[7.9], [2**70], [[1, 2]], ["7"]], ids=["float", "beyond int64", "nested", "text"])
+def test_hard_negative_pids_that_are_not_integers(copy, pids):
+    """A pid that is not a JSON integer is refused with its line, not truncated (7.9 read as pid 7) or a traceback."""
+    def edit(lines):
+        r = json.loads(lines[9])
+        r["neg"]["bm25"] = pids
+        lines[9] = json.dumps(r).encode()
+        return lines
+    rewrite_text(copy / HARD_NEG, edit)
+    with pytest.raises(errors.DataError) as e:
+        MSMarco(copy).hard_negatives()
+    assert str(copy / HARD_NEG) in str(e.value) and "line 10:" in str(e.value)
+    assert "integer pids" in str(e.value)
+    assert "hard-negatives" not in leftovers(copy)
+
+
 @pytest.mark.parametrize("name, store, open_", [
     (COLLECTION, "collection", lambda m: m.collection()),
     (HARD_NEG, "hard-negatives", lambda m: m.hard_negatives()),

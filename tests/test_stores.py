@@ -216,3 +216,38 @@ def test_released_store_pages_read_back_the_same():
     before = np.array(ce.scores[:100]), np.array(ce.pids[-100:])
     stores.release_pages(ce)  # drops the pages from this process's resident set; the next read faults them back
     assert np.array_equal(ce.scores[:100], before[0]) and np.array_equal(ce.pids[-100:], before[1])
+
+
+def test_a_full_disk_during_a_build_is_a_clear_error_and_leaves_nothing(copy):
+    """The first full-scale run writes GBs of stores: a disk that fills on the way ends the script with what to do
+    (exit 1, no traceback), and no half-built store. The file-size limit (ulimit -f) stands in for a full disk."""
+    import subprocess
+    import sys
+    code = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20)); "
+            "from msmarco.errors import user_errors; from msmarco.data import MSMarco\n"
+            f"with user_errors(): MSMarco({str(copy)!r}).collection()")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=paths.REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "no room on its disk" in proc.stderr and "free disk space" in proc.stderr
+    assert str(copy / paths.PREPARED / "collection") in proc.stderr
+    assert "collection" not in leftovers(copy) and not [n for n in leftovers(copy) if ".tmp-" in n]
+    assert len(MSMarco(copy).collection()) == 28_262  # with room again, the next run builds it
+
+
+def test_write_atomic_on_a_full_disk_keeps_the_old_file_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import pathlib
+    import pytest
+    from msmarco.errors import DataError
+    target = tmp_path / "results.json"
+    target.write_text("old")
+
+    def full(self, text):
+        pathlib.Path.write_bytes(self, text[:3].encode())  # a short write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    with pytest.raises(DataError, match="no room on its disk.*free disk space"):
+        paths.write_atomic(target, "new text")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
