@@ -27,7 +27,7 @@ from msmarco import paths
 from msmarco.config import script_config
 from msmarco.data import MSMarco
 from msmarco.errors import user_errors
-from msmarco.evaluation import SPLIT_FILES, available, encode_collection, search_embeddings, write_json_atomic
+from msmarco.evaluation import SPLIT_FILES, available, dev_part, encode_collection, search_embeddings, write_json_atomic
 from msmarco.metrics import Qrels, StreamingMetrics, read_trec_run, rank, str_qrels
 from msmarco.models import resolve_model
 from msmarco.run import save_config
@@ -39,7 +39,7 @@ class Config:
     model: str = ""  # saved model folder (bi-encoder or cross-encoder, detected), hub name or offline:<name>
     sample: bool = False  # run on data/sample (its dev queries, DL 2020 and 28k-passage collection)
     data_dir: str = "data"  # MS MARCO folder, relative to the repository; missing files are downloaded into it
-    splits: tuple[str, ...] = ("dev", "dl2019", "dl2020")  # dev = dev-small (6,980 queries); dl<year> = TREC DL passage
+    splits: tuple[str, ...] = ("dev", "dl2019", "dl2020")  # dev = dev-small (6,980 queries), or its dev-tune / dev-test part; dl<year> = TREC DL
     run_file: str = ""  # cross-encoder: a TREC run (or a folder of <split>.run) to rerank instead of the BM25 top-1000
     depth: int = 1000  # bi-encoder: passages retrieved per query; cross-encoder: candidates reranked per query
     batch_size: int = 128  # texts (bi-encoder) or pairs (cross-encoder) per forward pass
@@ -58,6 +58,14 @@ SPLIT_METRICS = {"dev": (1, ("MRR@10", "R@100", "R@1000")), "dl": (2, ("nDCG@10"
 # A BM25 ranking of a split's candidates, where a data folder has one (the sample bundles the real runs):
 # <data_dir>/runs/bm25/<split>.run. The official candidate files list each query's candidates in no particular order.
 BM25_RUNS = Path("runs") / "bm25"
+# The two fixed parts of dev-small (msmarco.evaluation.dev_part): dev-tune chose the training scripts' checkpoints and
+# the sample presets; dev-test decided nothing. Their files are dev's.
+DEV_PARTS = ("dev-tune", "dev-test")
+
+
+def source_split(name: str) -> str:
+    """The split whose files a split reads: dev for dev-tune and dev-test."""
+    return name.split("-", 1)[0]
 # Published BM25 (Anserini regressions, k1=0.9 b=0.4; TREC DL recall at grade >= 2), printed beside full-scale runs.
 PUBLISHED_BM25 = {"dev": {"MRR@10": 0.184, "R@1000": 0.853}, "dl2019": {"nDCG@10": 0.506, "R@1000": 0.750},
                   "dl2020": {"nDCG@10": 0.480, "R@1000": 0.786}}
@@ -125,7 +133,15 @@ def embedding_fingerprint(folder: Path, model, collection: "TextStore") -> str:
     coll = json.loads(meta.read_text()).get("fingerprint") if meta.is_file() else len(collection)
     key = json.dumps({"files": files, "max_seq_length": model.max_seq_length,
                       "dtype": str(next(model.parameters()).dtype), "collection": coll}, sort_keys=True)
-    return f"{model_label('', folder)}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    return f"{cache_label(folder)}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
+def cache_label(folder: Path) -> str:
+    """The model part of an embedding cache's name, one per model: a newer cache of the same label replaces the older.
+    A hub model in the HF cache is named by its org and name (models--org--name), not by its revision's hash."""
+    if folder.parent.name == "snapshots":
+        return folder.parent.parent.name.removeprefix("models--")
+    return model_label("", folder)
 
 
 @dataclass
@@ -145,13 +161,15 @@ def load_benchmark_split(data: "MSMarco", name: str, max_queries: int = -1,
     """Every judged query of dev-small (qrels.dev.small) or TREC DL <year>, with the official candidates, read (and
     downloaded) only when asked for: a bi-encoder retrieves, a --run_file replaces them. Unlike load_rerank_set no
     passage text is loaded: at full scale there are 7M candidates."""
-    if name == "dev":
+    if source_split(name) == "dev":
         queries, qrels_int, official = data.queries("dev"), data.qrels("dev"), data.dev_candidates
     else:
         queries, qrels_int = data.trec_dl_topics(int(name[2:]))
         official = lambda: data.trec_dl_candidates(int(name[2:]))  # noqa: E731
-    min_grade, metrics = SPLIT_METRICS["dev" if name == "dev" else "dl"]
+    min_grade, metrics = SPLIT_METRICS["dev" if source_split(name) == "dev" else "dl"]
     qids = sorted(q for q, d in qrels_int.items() if any(g > 0 for g in d.values()))  # nDCG: any grade; MRR: min_grade
+    if name in DEV_PARTS:
+        qids = dev_part(qids, name.split("-", 1)[1])
     if 0 <= max_queries < len(qids):
         rng = np.random.default_rng(seed)
         qids = sorted(rng.choice(qids, size=max_queries, replace=False).tolist())
@@ -196,7 +214,7 @@ def _candidate_lists(split: BenchmarkSplit, data_dir: Path, run_file: str, depth
     candidates: the file is not in rank order, so its first `depth` would be an arbitrary subset; with `cut`, a
     depth below a query's candidates is an error that says how to give a ranking."""
     order = "candidates"
-    if not run_file and (data_dir / BM25_RUNS / f"{split.name}.run").is_file():
+    if not run_file and (data_dir / BM25_RUNS / f"{source_split(split.name)}.run").is_file():
         run_file, order = str(data_dir / BM25_RUNS), "BM25"
     if not run_file:
         out = {q: np.asarray(c, dtype=np.int64) for q in split.qids if (c := split.candidates(q)) is not None}
@@ -206,11 +224,12 @@ def _candidate_lists(split: BenchmarkSplit, data_dir: Path, run_file: str, depth
                 f"error: --depth={depth}, but the {split.name} candidate file lists up to {most} candidates a query "
                 f"in no particular order, so its first {depth} would be an arbitrary subset. Rerank all of them "
                 f"(--depth={most} or more), or give a ranking to cut: --run_file=<TREC run or folder of <split>.run>, "
-                f"or a BM25 run at {data_dir / BM25_RUNS / (split.name + '.run')}")
+                f"or a BM25 run at {data_dir / BM25_RUNS / (source_split(split.name) + '.run')}")
         return out, "official BM25 top-1000 (all, file order)", "file order"
     path = paths.resolve_dir(run_file)
-    if path.is_dir():
-        path = path / f"{split.name}.run"
+    if path.is_dir():  # <split>.run, or for a part of dev the whole dev's dev.run
+        path = next((p for p in (path / f"{split.name}.run", path / f"{source_split(split.name)}.run") if p.is_file()),
+                    path / f"{split.name}.run")
     if not path.is_file():
         raise SystemExit(f"error: run file {path} does not exist")
     run = read_trec_run(path)
@@ -222,6 +241,7 @@ def _candidate_lists(split: BenchmarkSplit, data_dir: Path, run_file: str, depth
 
 def _reference_at_hand(data_dir: Path, split: str) -> bool:
     """Whether a bi-encoder's table can show BM25 beside it without a download (top1000.dev alone is 687 MB)."""
+    split = source_split(split)
     return (data_dir / BM25_RUNS / f"{split}.run").is_file() or all(
         (data_dir / f).exists() for f in SPLIT_FILES[split] if "top1000" in f)
 
@@ -301,9 +321,9 @@ def main(cfg: Config) -> dict:
         raise SystemExit("error: which model? pass a saved model folder, e.g.\n"
                          "  python evaluate.py --model=output/train_bi-encoder-v2/model\n"
                          "  python evaluate.py --sample --model=offline:all-MiniLM-L6-v2")
-    unknown = [s for s in cfg.splits if s not in SPLIT_FILES]
+    unknown = [s for s in cfg.splits if s not in SPLIT_FILES and s not in DEV_PARTS]
     if unknown:
-        raise SystemExit(f"error: unknown split(s) {unknown}; choose from {', '.join(SPLIT_FILES)}")
+        raise SystemExit(f"error: unknown split(s) {unknown}; choose from {', '.join([*SPLIT_FILES, *DEV_PARTS])}")
     folder = _model_folder(cfg.model)
     kind = model_kind(folder)
     label = model_label(cfg.model, folder)
@@ -320,7 +340,8 @@ def main(cfg: Config) -> dict:
         if available(data.dir, s):
             names.append(s)
         else:
-            print(f"note: split {s} skipped: its files are not in the bundled sample ({', '.join(SPLIT_FILES[s])})")
+            print(f"note: split {s} skipped: its files are not in the bundled sample "
+                  f"({', '.join(SPLIT_FILES[source_split(s)])})")
     splits = [load_benchmark_split(data, s, cfg.max_queries, cfg.seed) for s in names]
     print(f"{label}: {kind} from {folder}; splits " + ", ".join(f"{s.name} ({len(s.qids)} queries)" for s in splits))
 
@@ -363,7 +384,7 @@ def main(cfg: Config) -> dict:
     unranked = []
     for s in splits:
         if s.name not in lists and not _reference_at_hand(data.dir, s.name):
-            print(f"note: no BM25 column for {s.name}: neither {BM25_RUNS / (s.name + '.run')} nor its candidate file "
+            print(f"note: no BM25 column for {s.name}: neither {BM25_RUNS / (source_split(s.name) + '.run')} nor its candidate file "
                   f"is in {data.dir} (a bi-encoder needs neither, so neither is downloaded)")
             continue
         cands, order = lists[s.name] if s.name in lists else \

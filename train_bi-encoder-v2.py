@@ -94,7 +94,7 @@ class Config:
     retrieval_every_eval: bool = False  # ... and of the dev-tune queries at every eval step (a pass over 8.8M each)
     eval_steps: int = 10_000  # evaluate and save a checkpoint every this many steps
     logging_steps: int = 100  # log the training loss every this many steps
-    save_total_limit: int = 2  # checkpoints kept besides the best
+    save_total_limit: int = 2  # checkpoints kept on disk, the best and the newest among them (HF counts the best)
     report_to: str = "none"  # also log to tensorboard or wandb (the HF Trainer's report_to; needs that package)
     amp: bool = True  # mixed precision: bf16 on GPUs with native bf16 and CPUs with AMX, fp16 on older GPUs (V100, T4)
     seed: int = 12  # negative pairing, data order, dropout; the triples sample with negatives=triples

@@ -78,7 +78,7 @@ class Config:
     report_splits: tuple[str, ...] = ("dl2019", "dl2020")  # TREC DL years reranked in the final report
     eval_steps: int = 5000  # evaluate and save a checkpoint every this many steps
     logging_steps: int = 100  # log the training loss every this many steps
-    save_total_limit: int = 2  # checkpoints kept besides the best
+    save_total_limit: int = 2  # checkpoints kept on disk, the best and the newest among them (HF counts the best)
     report_to: str = "none"  # also log to tensorboard or wandb (the HF Trainer's report_to; needs that package)
     amp: bool = True  # mixed precision: bf16 on GPUs with native bf16 and CPUs with AMX, fp16 on older GPUs (V100, T4)
     seed: int = 12  # data order, head initialisation

@@ -118,6 +118,8 @@ def plot_history(jsonl: Path, png: Path, metric: str) -> Path | None:
 # is chosen (a changed --lr, say, would be ignored by the optimizer and scheduler restored from the checkpoint).
 RESUMABLE_CHANGES = frozenset({"resume", "output_dir", "report_to", "logging_steps", "save_total_limit",
                                "report_splits", "retrieval_eval", "retrieval_k", "retrieval_every_eval"})
+# Of those, the ones that change what the baselines cover: baselines.json is computed again when one changed.
+BASELINE_FIELDS = ("report_splits", "retrieval_eval", "retrieval_k")
 
 
 def config_changes(cfg, out_dir: Path, world_size: int = 1) -> dict:
@@ -130,6 +132,13 @@ def config_changes(cfg, out_dir: Path, world_size: int = 1) -> dict:
     saved = {"world_size": 1, **json.loads(path.read_text())}  # a config saved without it: one process
     new = json.loads(json.dumps({**dataclasses.asdict(cfg), "world_size": world_size}, default=str))  # tuples: lists
     return {k: (saved.get(k), v) for k, v in new.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+
+
+def _saved_fields(cfg, out_dir: Path, fields) -> bool:
+    """Whether any of `fields` differs between cfg and the config saved in out_dir."""
+    saved = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else {}
+    new = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    return any(f in new and saved.get(f) != new[f] for f in fields)
 
 
 def start_run(cfg, out: Path) -> str | None:
@@ -152,6 +161,7 @@ def start_run(cfg, out: Path) -> str | None:
     if changes and is_main_process():
         print(f"{out}: the finished run there had another config ({', '.join(changes)}); starting afresh")
     checkpoint = None if changes else checkpoint
+    stale_baselines = checkpoint is not None and _saved_fields(cfg, out, BASELINE_FIELDS)
     barrier()  # every process has decided from the folder as it was, before the main process changes it
     with main_process_first():
         if is_main_process():
@@ -163,6 +173,8 @@ def start_run(cfg, out: Path) -> str | None:
                     shutil.rmtree(out / name, ignore_errors=True)  # this run's config
             else:
                 print(f"resuming from {checkpoint}")
+                if stale_baselines:  # other report sets: their BM25 and untrained rows are computed again
+                    (out / "baselines.json").unlink(missing_ok=True)
             (out / "results.json").unlink(missing_ok=True)  # the figures of a run that is no longer the folder's
             save_config(cfg, out, world_size=world)
     return checkpoint
@@ -173,6 +185,10 @@ def train_from(trainer, checkpoint: str | None) -> None:
     (a finished run rerun, or one cut in its final evaluation): with --max_steps inside an epoch the HF loop would
     still take one more step there (it checks max_steps only after a step), adding a checkpoint, an evaluation and
     a history row per rerun. Then only the best checkpoint is loaded, as training's end would have."""
+    if checkpoint is not None:
+        with main_process_first():
+            if is_main_process():
+                _best_checkpoint_here(Path(checkpoint))
     if checkpoint is not None and trainer.args.max_steps > 0:
         from transformers import TrainerState
         state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
@@ -182,6 +198,26 @@ def train_from(trainer, checkpoint: str | None) -> None:
                 trainer._load_best_model()  # the trainer's own end-of-training load (sentence-transformers')
             return
     trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def _best_checkpoint_here(checkpoint: Path) -> None:
+    """The trainer state names the best checkpoint by its path when it was saved. A run folder moved since (and
+    resumed with --output_dir) would otherwise resume with a best checkpoint that is not there: the HF Trainer drops
+    it and saves its last checkpoint as the best, and a finished run's rerun saves the untrained weights. So the
+    best is looked up beside the checkpoint, and a best checkpoint that is gone ends the command."""
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    best = state.get("best_model_checkpoint")
+    if best is None or Path(best).resolve() == (checkpoint.parent / Path(best).name).resolve():
+        here = None if best is None else Path(best)
+    else:
+        here = checkpoint.parent / Path(best).name
+        state["best_model_checkpoint"] = str(here)
+        paths.write_atomic(state_file, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    if here is not None and not (here / "trainer_state.json").exists():
+        raise OutputFolderError(f"{checkpoint.parent}: the run's best checkpoint, {here.name}, is missing, so the "
+                                f"run cannot save its best model. Add --resume=false to train afresh, or pass "
+                                f"--output_dir=<another folder>.")
 
 
 def baseline_metrics(out: Path, compute: Callable[[], dict], curve_set: str) -> dict:
@@ -201,10 +237,19 @@ def baseline_metrics(out: Path, compute: Callable[[], dict], curve_set: str) -> 
         curve = res[curve_set]
         record = {"step": 0, **{f"eval_{curve_set}_{m}": v for m, v in curve["untrained"].items()},
                   **{f"first_stage_{m}": v for m, v in curve.get("first_stage", {}).items()}}
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        jsonl = out / "metrics.jsonl"
+        if not any(_step_zero(ln) for ln in (jsonl.read_text().splitlines() if jsonl.exists() else [])):
+            with open(jsonl, "a") as f:  # once per run: a resume that recomputes the baselines keeps its record
+                f.write(json.dumps(record) + "\n")
         os.replace(tmp, path)
     return res
+
+
+def _step_zero(line: str) -> bool:
+    try:
+        return json.loads(line).get("step") == 0
+    except ValueError:
+        return False
 
 
 def merge(*tables: dict) -> dict:

@@ -289,6 +289,29 @@ def test_cross_encoder_rerank_matches_ir_measures(models, tmp_path):
         assert res["candidates"][first] == pytest.approx(expect, abs=1e-9)
 
 
+def test_dev_tune_and_dev_test_are_the_training_scripts_parts_of_dev(models, tmp_path):
+    """--splits=dev-test scores only the dev queries that chose nothing (the scripts' dev-test), dev-tune the others:
+    together they are dev, with the same figures per query; both read dev's files and its BM25 run."""
+    cfg = evaluate.Config(model=str(models["ce"]), data_dir=str(SAMPLE), batch_size=32, depth=20,
+                          splits=("dev", "dev-tune", "dev-test"), output_dir=str(tmp_path))
+    report = evaluate.main(cfg)["splits"]
+    data = MSMarco(SAMPLE)
+    for part in ("tune", "test"):
+        split = evaluate.load_benchmark_split(data, f"dev-{part}")
+        assert split.qids == evaluation.dev_part(evaluate.load_benchmark_split(data, "dev").qids, part)
+        assert report[f"dev-{part}"]["queries"] == len(split.qids) and report[f"dev-{part}"]["candidates_order"] == "BM25"
+    assert report["dev-tune"]["queries"] + report["dev-test"]["queries"] == report["dev"]["queries"] == 100
+    lines = {s: [ln.split()[:4] for ln in (tmp_path / f"{s}.run").read_text().splitlines()]  # qid Q0 pid rank
+             for s in ("dev", "dev-tune", "dev-test")}
+    assert sorted(lines["dev-tune"] + lines["dev-test"]) == sorted(lines["dev"])
+    n = {s: report[s]["queries"] for s in report}
+    mrr = {s: report[s]["model"]["MRR@10"] for s in report}
+    assert mrr["dev"] == pytest.approx((mrr["dev-tune"] * n["dev-tune"] + mrr["dev-test"] * n["dev-test"]) / 100,
+                                       abs=1e-9)
+    with pytest.raises(SystemExit, match="unknown split.*dev-test"):
+        evaluate.main(evaluate.Config(model=str(models["ce"]), splits=("dev-other",), output_dir=str(tmp_path)))
+
+
 def test_unranked_candidate_files_are_not_cut(tmp_path):
     """Without a ranking, the official candidate file is reranked whole: a --depth below it is a clear error (its
     first N would be an arbitrary subset), not a silent random sample; the BM25 column then takes every candidate."""
@@ -411,3 +434,8 @@ def test_a_hub_model_is_labelled_by_its_name_not_its_revision(tmp_path):
     assert evaluate.model_label("cross-encoder/ms-marco-MiniLM-L6-v2", snap) == "ms-marco-MiniLM-L6-v2"
     assert evaluate.model_label("output/train_cross-encoder-v1/model",
                                 Path("output/train_cross-encoder-v1/model")) == "train_cross-encoder-v1"
+    # one embedding cache per hub model, whatever its revision, and none shared between two hub models
+    other = tmp_path / "models--sentence-transformers--msmarco-MiniLM-L6-cos-v5" / "snapshots" / ("ab" * 20)
+    again = snap.parent / ("d" * 40)
+    assert evaluate.cache_label(snap) == evaluate.cache_label(again) == "cross-encoder--ms-marco-MiniLM-L6-v2"
+    assert evaluate.cache_label(other) == "sentence-transformers--msmarco-MiniLM-L6-cos-v5"

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +194,48 @@ def test_rerunning_a_finished_run_trains_no_step_past_max_steps(tiny_runs, tmp_p
     assert sorted(p.name for p in (again / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (again / "metrics.jsonl").read_text() == before
     assert res["dev-test"]["trained"] == pytest.approx(full["dev-test"]["trained"], abs=1e-9)
+
+
+def test_a_moved_run_saves_its_best_checkpoint_and_one_without_it_says_so(tiny_runs, tmp_path, capsys):
+    """The trainer state names the best checkpoint by the path it had when saved. A run folder moved since and rerun
+    (--output_dir=<its new place>) saved the untrained weights as its model (a finished --max_steps run) or its last
+    checkpoint (an epoch run); the best is now found beside the checkpoints, and a missing one ends the command."""
+    mod, cfg, full, out = tiny_runs("train_cross-encoder-v1")
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    best = None
+    for state_file in (moved / "checkpoints").glob("checkpoint-*/trainer_state.json"):
+        state = json.loads(state_file.read_text())
+        best = Path(state["best_model_checkpoint"]).name
+        state["best_model_checkpoint"] = str(tmp_path / "gone" / "checkpoints" / best)  # where the run used to be
+        state_file.write_text(json.dumps(state))
+    assert best is not None
+    res = mod.main(config.parse_cli(cfg, [f"--output_dir={moved}"]))
+    saved, want = load_state("x", moved / "model"), load_state("x", moved / "checkpoints" / best)
+    want = {k.replace(f"{best}/", "model/", 1): v for k, v in want.items()}  # keys name the folder of each file
+    assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in saved)
+    assert res["dev-test"]["trained"] == pytest.approx(full["dev-test"]["trained"], abs=1e-6)
+    for state_file in (moved / "checkpoints").glob("checkpoint-*/trainer_state.json"):  # a best deleted since
+        state = json.loads(state_file.read_text())
+        state["best_model_checkpoint"] = str(moved / "checkpoints" / "checkpoint-3")
+        state_file.write_text(json.dumps(state))
+    model_before = load_state("x", moved / "model")
+    with pytest.raises(errors.OutputFolderError, match="best checkpoint, checkpoint-3, is missing.*--resume=false"):
+        mod.main(config.parse_cli(cfg, [f"--output_dir={moved}"]))
+    assert all(torch.equal(v, load_state("x", moved / "model")[k]) for k, v in model_before.items())
+
+
+def test_a_resume_with_other_report_splits_computes_their_baselines(tiny_runs, tmp_path):
+    """report_splits may change on a resume (it trains nothing); the added split gets its BM25 row all the same."""
+    mod, cfg, full, out = tiny_runs("train_cross-encoder-v1")
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    assert "dl2020" not in full
+    res = mod.main(config.parse_cli(cfg, [f"--output_dir={again}", "--report_splits=dl2020"]))
+    assert set(res["dl2020"]) == {"first_stage", "trained"}
+    assert res["dev-test"]["trained"] == pytest.approx(full["dev-test"]["trained"], abs=1e-6)
+    history = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history].count(0) == 1  # one step-0 record, as before
 
 
 def test_a_failed_save_leaves_the_previous_model_whole(tmp_path, monkeypatch):
