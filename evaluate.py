@@ -27,7 +27,8 @@ from msmarco import paths
 from msmarco.config import script_config
 from msmarco.data import MSMarco
 from msmarco.errors import user_errors
-from msmarco.evaluation import SPLIT_FILES, available, dev_part, encode_collection, search_embeddings, write_json_atomic
+from msmarco.evaluation import (SPLIT_FILES, available, dev_part, encode_collection, search_embeddings,
+                                write_json_atomic)
 from msmarco.metrics import Qrels, StreamingMetrics, read_trec_run, rank, str_qrels
 from msmarco.models import resolve_model
 from msmarco.run import save_config
@@ -39,7 +40,7 @@ class Config:
     model: str = ""  # saved model folder (bi-encoder or cross-encoder, detected), hub name or offline:<name>
     sample: bool = False  # run on data/sample (its dev queries, DL 2020 and 28k-passage collection)
     data_dir: str = "data"  # MS MARCO folder, relative to the repository; missing files are downloaded into it
-    splits: tuple[str, ...] = ("dev", "dl2019", "dl2020")  # dev = dev-small (6,980 queries), or its dev-tune / dev-test part; dl<year> = TREC DL
+    splits: tuple[str, ...] = ("dev", "dl2019", "dl2020")  # dev (dev-small: 6,980 queries), dev-tune, dev-test, dl<yr>
     run_file: str = ""  # cross-encoder: a TREC run (or a folder of <split>.run) to rerank instead of the BM25 top-1000
     depth: int = 1000  # bi-encoder: passages retrieved per query; cross-encoder: candidates reranked per query
     batch_size: int = 128  # texts (bi-encoder) or pairs (cross-encoder) per forward pass
@@ -66,6 +67,8 @@ DEV_PARTS = ("dev-tune", "dev-test")
 def source_split(name: str) -> str:
     """The split whose files a split reads: dev for dev-tune and dev-test."""
     return name.split("-", 1)[0]
+
+
 # Published BM25 (Anserini regressions, k1=0.9 b=0.4; TREC DL recall at grade >= 2), printed beside full-scale runs.
 PUBLISHED_BM25 = {"dev": {"MRR@10": 0.184, "R@1000": 0.853}, "dl2019": {"nDCG@10": 0.506, "R@1000": 0.750},
                   "dl2020": {"nDCG@10": 0.480, "R@1000": 0.786}}
@@ -384,8 +387,8 @@ def main(cfg: Config) -> dict:
     unranked = []
     for s in splits:
         if s.name not in lists and not _reference_at_hand(data.dir, s.name):
-            print(f"note: no BM25 column for {s.name}: neither {BM25_RUNS / (source_split(s.name) + '.run')} nor its candidate file "
-                  f"is in {data.dir} (a bi-encoder needs neither, so neither is downloaded)")
+            print(f"note: no BM25 column for {s.name}: neither {BM25_RUNS / (source_split(s.name) + '.run')} nor its "
+                  f"candidate file is in {data.dir} (a bi-encoder needs neither, so neither is downloaded)")
             continue
         cands, order = lists[s.name] if s.name in lists else \
             _candidate_lists(s, data.dir, "", cfg.depth, cut=False)[::2]
