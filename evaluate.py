@@ -311,11 +311,12 @@ def _cross_encoder_ranked(model, split: BenchmarkSplit, cands: dict[int, np.ndar
 
 def print_results(results: dict, cand_header: str, published: bool) -> None:
     cols = ["model", cand_header] + (["BM25 (Anserini)"] if published else [])
-    print(f"\n{'split':8}{'metric':10}" + "".join(f"{c:>17}" for c in cols))
+    w = max([8, *(len(name) + 2 for name in results)])
+    print(f"\n{'split':{w}}{'metric':10}" + "".join(f"{c:>17}" for c in cols))
     for name, r in results.items():
         for metric, v in r["model"].items():
             row = [v, r.get("candidates", {}).get(metric), PUBLISHED_BM25.get(name, {}).get(metric)][:len(cols)]
-            print(f"{name:8}{metric:10}" + "".join(f"{x:17.4f}" if x is not None else f"{'':>17}" for x in row))
+            print(f"{name:{w}}{metric:10}" + "".join(f"{x:17.4f}" if x is not None else f"{'':>17}" for x in row))
 
 
 def main(cfg: Config) -> dict:
