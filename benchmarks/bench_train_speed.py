@@ -127,6 +127,9 @@ class Meter:
         if self.device == "cuda":
             torch.cuda.synchronize()
 
+    # not traced by torch.compile: its hooks would otherwise be compiled with the model (recompiled on every call,
+    # and a device sync inside a CUDA graph capture)
+    @torch.compiler.disable
     def _pre(self, module, args, kwargs):
         if module.training:
             features = args[0] if args else kwargs.get("input")
@@ -138,6 +141,7 @@ class Meter:
             self._sync()
             self._t = time.perf_counter()
 
+    @torch.compiler.disable
     def _post(self, module, args, kwargs, output):
         if module.training:
             self._sync()
@@ -432,10 +436,10 @@ def main(argv=None) -> dict:
             row = measure(recipe, preset, a)
             print_row(row, flush=True)
         results["runs"].append(row)
-    if a.out:
-        out = resolve_dir(a.out)  # a relative --out is taken from the repository, as the scripts' folders are
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+        if a.out:  # after every recipe: a run cut by a short GPU window keeps the recipes it finished
+            out = resolve_dir(a.out)  # a relative --out is taken from the repository, as the scripts' folders are
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1))
     return results
 
 

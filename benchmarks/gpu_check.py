@@ -6,32 +6,37 @@ The GPU machine may reach no package index and have no offline base model: carry
 On a CPU, the dry run the tests do (tiny budgets, the same code):
     python benchmarks/gpu_check.py --device=cpu --dry_run --out /tmp/gpu_check
 
-Parts, each timed and guarded (a failure is recorded with its error and the other parts still run):
+Parts, each timed and guarded (a failure is recorded with its error and the other parts still run), in the order
+of what a short window most needs:
   1. speed    benchmarks/bench_train_speed.py for the three recipes at their full-default lengths and batch sizes:
               stock vs the project's configuration, each as it ships (stock: bf16 with torch's default attention
-              kernels; project: bf16, SDPA without cuDNN), and both in fp32 and both without cuDNN attention; then
-              the project's alone with cuDNN attention, eager attention, TF32, flash attention 2 (when importable),
-              unrounded padding (pad_multiple 1), and the bi-encoder's batches cut into chunks (chunk_cost 1024).
+              kernels; project: bf16, SDPA without cuDNN), then both in fp32 and both without cuDNN attention.
               Samples/s, real tokens/s, model TFLOP/s and MFU, peak GPU memory, non-finite losses.
-  2. scripts  each training script's --sample run with a small step budget on the device: train, evaluate, save,
+  2. levers   what no GPU has run yet, for the launch-bound bi-encoder: the project's configuration under
+              torch.compile (reduce-overhead: CUDA graphs, lengths rounded to 32) beside the same eager, and both
+              configurations at batch 128.
+  3. scripts  each training script's --sample run with a small step budget on the device: train, evaluate, save,
               reload the saved model with stock sentence-transformers and score it again; for v1 also a cut run
               resumed to the same weights, and the same run on the CPU for comparison.
-  3. evaluate evaluate.py --sample on the device: a bi-encoder (chunked top-k over the collection) and a
-              cross-encoder (reranking), with the offline base model.
   4. torchrun the bi-encoder under torchrun --nproc_per_node=1 (NCCL on a GPU, gloo on a CPU), briefly.
-  5. levers   the speed runs of the levers for the launch-bound bi-encoder, last since compiling takes minutes: the
-              project's configuration under torch.compile (reduce-overhead: CUDA graphs, lengths rounded to 32),
-              and both configurations at batch 256.
+  5. evaluate evaluate.py --sample on the device: a bi-encoder (chunked top-k over the collection) and a
+              cross-encoder (reranking), with the offline base model.
+  6. variants the project's configuration with one setting changed (measured on an H200 on 2026-11-29): cuDNN
+              attention on, eager attention, TF32, flash attention 2 (when importable), unrounded padding
+              (pad_multiple 1), the bi-encoder's batches cut into chunks (chunk_cost 1024).
 Writes gpu_check.json and gpu_check.md under --out (after every part and every speed run) and prints the table. No
-command runs past --deadline (480 s): a part that would is cut or skipped, with what it had.
+command runs past --deadline (480 s): a part that would is cut (with every process it started) or skipped, with
+what it had.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,20 +58,58 @@ def sh(cmd: list[str], timeout: int, env: dict | None = None) -> subprocess.Comp
     left = DEADLINE[0] - time.time()
     if left < 15:
         raise TimeoutError(f"skipped: the check's deadline has passed ({' '.join(cmd[:3])} ...)")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=min(timeout, left),
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})})
+    # its own session, so that a cut kills all it started: torchrun's workers run in sessions of their own too,
+    # and one left behind would hold the GPU while the next part is timed
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})})
+    try:
+        stdout, stderr = proc.communicate(timeout=min(timeout, left))
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        stdout, stderr = proc.communicate()
+        raise TimeoutError(f"cut after {min(timeout, left):.0f} s: {' '.join(cmd[:4])} ...; its output so far:\n"
+                           f"{(stdout + stderr)[-3000:]}") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    return proc
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{(stdout + stderr)[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-# the speed variants that run last, as the part "levers": their compilations may take minutes of a short window
-LEVERS = ("bi_compile_reduce_overhead", "bi_batch_256")
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a command and every process it started, also those that started sessions of their own (torchrun's
+    workers): its process group, then any descendant left (read from /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))  # ppid -> pids
+        except (OSError, IndexError, ValueError):
+            continue
+    todo, tree = [proc.pid], []
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
-def part_speed(a, work: Path, levers: bool = False) -> dict:
+# The speed variants by part, in the order of what a short window most needs: "speed", the ratios to the stock
+# trainer (each configuration as it ships, then both in fp32 and both without cuDNN attention); "levers", what has
+# never run on a GPU (compiling, a larger batch, the bi-encoder being furthest from 3x); "variants", the project's
+# settings one at a time, which the H200 measured on 2026-11-29, last.
+SPEED_PARTS = {"speed": ("stock_vs_project", "stock_vs_project_fp32", "cudnn_sdp_off_both"),
+               "levers": ("bi_compile_reduce_overhead", "bi_pad_multiple_32", "bi_batch_128"),
+               "variants": ("project_cudnn_sdp_on", "eager", "tf32", "pad_multiple_1", "bi_chunk_cost_1024",
+                            "flash_attention_2")}
+
+
+def part_speed(a, work: Path, part: str = "speed") -> dict:
     """bench_train_speed runs, each its own process (a clean allocator and clean torch.backends settings): the
-    variants of LEVERS with `levers`, the others without."""
+    variants of SPEED_PARTS[part]."""
     runs = {}
     steps = ["--steps=1", "--warmup=0", "--pipeline_batches=2", "--max_length=32", "--batch_size=4"] if a.dry_run \
         else [f"--steps={a.steps}", "--warmup=5", "--pipeline_batches=200"]
@@ -85,15 +128,18 @@ def part_speed(a, work: Path, levers: bool = False) -> dict:
                 "pad_multiple_1": [f"--amp={amp}", "--pad_multiple=1", "--configs=project"],
                 "bi_chunk_cost_1024": [f"--amp={amp}", "--chunk_cost=1024", "--configs=project", "--recipes=bi"],
                 # the launch-bound bi-encoder step: CUDA graphs (one per padded shape: lengths rounded to 32, the
-                # compilations in 10 untimed steps), and 4x the batch (also more in-batch negatives: a recipe choice)
+                # compilations in 10 untimed steps; under compile transformers also turns TF32 on), beside the same
+                # eager, and 2x the batch (also more in-batch negatives: a recipe choice; the sample's epoch of 179
+                # queries caps a batch there)
                 "bi_compile_reduce_overhead": [f"--amp={amp}", "--compile=reduce-overhead", "--pad_multiple=32",
                                                "--warmup=10", "--configs=project", "--recipes=bi"],
-                "bi_batch_256": [f"--amp={amp}", "--batch_size=256", "--recipes=bi"]}
+                "bi_pad_multiple_32": [f"--amp={amp}", "--pad_multiple=32", "--configs=project", "--recipes=bi"],
+                "bi_batch_128": [f"--amp={amp}", "--batch_size=128", "--recipes=bi"]}
     if importlib.util.find_spec("flash_attn"):
         variants["flash_attention_2"] = [f"--amp={amp}", "--attn=flash_attention_2", "--configs=project"]
-    elif not levers:
+    elif "flash_attention_2" in SPEED_PARTS[part]:
         runs["flash_attention_2"] = {"skipped": "flash_attn is not installed"}
-    variants = {k: v for k, v in variants.items() if (k in LEVERS) == levers}
+    variants = {k: v for k, v in variants.items() if k in SPEED_PARTS[part]}
     if a.dry_run:  # v1 only (common's --recipes), one step: the plumbing of each kind of variant
         variants = {k: [x for x in v if not x.startswith(("--recipes=", "--warmup="))] for k, v in variants.items()
                     if k in ("stock_vs_project", "eager", "bi_compile_reduce_overhead")}
@@ -216,15 +262,16 @@ def markdown(report: dict) -> str:
              f"torch {report['torch']}, transformers {report['transformers']}, sentence-transformers "
              f"{report['sentence_transformers']}; {report['seconds']} s in all", ""]
     parts = report["parts"]
-    failed = tuple(p for p in ("speed", "levers") if "error" in parts.get(p, {}))  # a part's own bug: shown below
-    speed = {k: v for p in ("speed", "levers") if p not in failed for k, v in parts.get(p, {}).items()}
+    failed = tuple(p for p in SPEED_PARTS if "error" in parts.get(p, {}))  # a part's own bug: shown below
+    speed = {k: v for p in SPEED_PARTS if p not in failed for k, v in parts.get(p, {}).items()}
     if speed:
         lines += ["## Training speed (full-default lengths)", "",
                   "| variant | recipe | config | samples/s | real tokens/s | pad/real | TFLOP/s | MFU | peak MiB | "
                   "non-finite losses | project/stock |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, run in speed.items():
-            if "runs" not in run:
-                lines.append(f"| {name} | | | {run.get('error', run.get('skipped', ''))[:80]} |||||||")
+            if "runs" not in run or not run["runs"]:
+                why = (run.get("error") or run.get("skipped") or "no run finished").strip().splitlines()
+                lines.append(f"| {name} | | | {why[-1][:120] if why else ''} |||||||")
                 continue
             for row in run["runs"]:
                 for config in ("stock", "project"):
@@ -247,8 +294,8 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dry_run", action="store_true", help="tiny budgets: the CPU run the tests do")
     p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "output" / "gpu_check")))
-    p.add_argument("--steps", type=int, default=30, help="timed steps per speed configuration")
-    p.add_argument("--parts", default="speed,scripts,evaluate,torchrun,levers")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per speed configuration")
+    p.add_argument("--parts", default="speed,levers,scripts,torchrun,evaluate,variants")
     p.add_argument("--part_timeout", type=int, default=240, help="seconds for one command of a part")
     p.add_argument("--deadline", type=int, default=480, help="seconds after which no command starts or runs on: the "
                    "window's limit, so that one slow part cannot take the others' figures with it")
@@ -267,8 +314,8 @@ def main(argv=None) -> dict:
               "gpu": torch.cuda.get_device_name() if a.device == "cuda" else "none (CPU dry run)",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "sentence_transformers": sentence_transformers.__version__, "parts": {}}
-    parts = {"speed": part_speed, "scripts": part_scripts, "evaluate": part_evaluate, "torchrun": part_torchrun,
-             "levers": lambda a, work: part_speed(a, work, levers=True)}
+    parts = {"scripts": part_scripts, "evaluate": part_evaluate, "torchrun": part_torchrun,
+             **{p: (lambda a, work, p=p: part_speed(a, work, p)) for p in SPEED_PARTS}}
 
     def save(part: str | None = None, partial: dict | None = None) -> None:
         """gpu_check.json and .md as they stand: after every part, and after every speed run (a cut check keeps
