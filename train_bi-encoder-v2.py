@@ -120,6 +120,9 @@ def training_queries(data: MSMarco, cfg: Config) -> tuple[Grouped, Grouped]:
     folder and setting, memory-mapped; msmarco/hard_negatives.py has the filter itself). With
     negatives=triples: the distinct positives and negatives of each query of a seeded uniform sample of
     `max_triples` triples (MSMarco.triples: one pass over the whole file, once per size and seed)."""
+    if cfg.negatives == "triples" and cfg.systems:
+        raise SystemExit(f"--systems={','.join(cfg.systems)} picks mining systems of the hard negatives; the BM25 "
+                         f"triples (--negatives=triples) have none: drop --systems, or use --negatives=hard")
     if cfg.negatives == "hard":
         positives, negatives = data.filtered_negatives(cfg.ce_margin, cfg.negs_per_system, cfg.systems)
     elif cfg.negatives == "triples":

@@ -189,6 +189,8 @@ def test_bm25_triples_source_groups_the_triples_by_query(tmp_path):
     assert {q: (set(p.tolist()), set(negatives[q].tolist())) for q, p in positives.items()} == expected
     with pytest.raises(SystemExit, match="--negatives must be hard or triples"):
         bi.training_queries(data, config.parse_cli(cfg, ["--negatives=bm25"]))
+    with pytest.raises(SystemExit, match="--systems=bm25 picks mining systems.*triples"):  # not silently ignored
+        bi.training_queries(data, config.parse_cli(cfg, ["--systems=bm25"]))
 
 
 def test_two_processes_split_each_epoch_between_them(tmp_path):
