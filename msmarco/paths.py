@@ -1,6 +1,7 @@
 """Where things live: the repository, the data folders, the outputs; relative paths resolved against the repository
 (never the working directory); an inter-process file lock for work that one process must do alone; files written
-whole (a temporary file and a rename) and put on disk before they are published."""
+whole (a temporary file and a rename) and put on disk before they are published; a write that
+finds no room on its disk told apart from a bug (out_of_space)."""
 from __future__ import annotations
 
 import contextlib
