@@ -30,7 +30,7 @@ from msmarco.errors import user_errors
 from msmarco.evaluation import (SPLIT_FILES, available, dev_part, encode_collection, search_embeddings,
                                 write_json_atomic)
 from msmarco.metrics import Qrels, StreamingMetrics, read_trec_run, rank, str_qrels
-from msmarco.models import resolve_model
+from msmarco.models import no_cudnn_attention, resolve_model
 from msmarco.run import save_config
 from msmarco.stores import TextStore
 
@@ -360,6 +360,7 @@ def main(cfg: Config) -> dict:
         from sentence_transformers import CrossEncoder
         model = CrossEncoder(str(folder), device=device, max_length=cfg.max_length if cfg.max_length > 0 else None)
     if cfg.half and device == "cuda":
+        no_cudnn_attention()  # fp16 with a mask picks it on Hopper: a new cuDNN graph for every padded shape
         model.half()
         if kind == "cross-encoder":
             keep_head_fp32(model)

@@ -20,7 +20,7 @@ v1 models of this recipe reranked the dev-small BM25 top-1000 to 0.30-0.36 MRR@1
 
 Commands:
     python train_cross-encoder-v1.py --sample          # bundled sample, offline base model, 2 CPU cores, < 5 min
-    python train_cross-encoder-v1.py                   # full data (downloads ~3 GB into data/), one GPU
+    python train_cross-encoder-v1.py                   # full data (downloads ~3.7 GB into data/), one GPU
     python train_cross-encoder-v1.py --lr=7e-6 --neg_per_pos=8   # any config field as --key=value
     python train_cross-encoder-v1.py --help            # every config field with the value a run would use
     torchrun --nproc_per_node=8 train_cross-encoder-v1.py   # 8 GPUs (DDP); README, "Train on several GPUs"

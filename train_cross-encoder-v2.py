@@ -19,7 +19,7 @@ BERT-CAT ensemble (see data/sample/README.md).
 
 Commands:
     python train_cross-encoder-v2.py --sample          # bundled sample, offline base model, 2 CPU cores, < 5 min
-    python train_cross-encoder-v2.py                   # full data (downloads ~5 GB into data/), one GPU
+    python train_cross-encoder-v2.py                   # full data (downloads ~4.2 GB into data/), one GPU
     python train_cross-encoder-v2.py --loss=margin_mse --lr=1e-5   # any config field as --key=value
     python train_cross-encoder-v2.py --help            # every config field with the value a run would use
     torchrun --nproc_per_node=8 train_cross-encoder-v2.py   # 8 GPUs (DDP); README, "Train on several GPUs"

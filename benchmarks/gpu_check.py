@@ -19,8 +19,8 @@ of what a short window most needs:
               reload the saved model with stock sentence-transformers and score it again; for v1 also a cut run
               resumed to the same weights, and the same run on the CPU for comparison.
   4. torchrun the bi-encoder under torchrun --nproc_per_node=1 (NCCL on a GPU, gloo on a CPU), briefly.
-  5. evaluate evaluate.py --sample on the device: a bi-encoder (chunked top-k over the collection) and a
-              cross-encoder (reranking), with the offline base model.
+  5. evaluate evaluate.py --sample on the device: the offline base model as a bi-encoder (chunked top-k over the
+              collection) and the scripts part's saved v1 cross-encoder (reranking; needs part 3 first).
   6. variants the project's configuration with one setting changed (measured on an H200 on 2026-11-29): cuDNN
               attention on, eager attention, TF32, flash attention 2 (when importable), unrounded padding
               (pad_multiple 1), the bi-encoder's batches cut into chunks (chunk_cost 1024).

@@ -1,6 +1,6 @@
 """Ranking metrics for MS MARCO / TREC Deep Learning runs, and TREC run files.
 
-to reproduce ``trec_eval`` / ``ir-measures`` exactly (checked to 1e-9 against
+Written to reproduce ``trec_eval`` / ``ir-measures`` exactly (checked to 1e-9 against
 ir-measures 0.4.3 + pytrec_eval in ``tests/test_metrics.py``).
 
 Data model
