@@ -122,23 +122,18 @@ RESUMABLE_CHANGES = frozenset({"resume", "output_dir", "report_to", "logging_ste
 BASELINE_FIELDS = ("report_splits", "retrieval_eval", "retrieval_k")
 
 
-def config_changes(cfg, out_dir: Path, world_size: int = 1) -> dict:
+def config_changes(cfg, out_dir: Path, world_size: int = 1, resumable: bool = False) -> dict:
     """{field: (saved value, new value)} for the fields of `cfg` that differ from out_dir/config.json and that a
-    resumed run may not change ({} without a saved config). The number of processes counts as one: the batch size
-    is per process, so another number changes the steps of an epoch, where a resume skips to and the schedule."""
+    resumed run may not change ({} without a saved config); with `resumable`, those it may. The number of processes
+    counts as one: the batch size is per process, so another number changes the steps of an epoch, where a resume
+    skips to and the schedule."""
     path = out_dir / "config.json"
     if not path.exists():
         return {}
     saved = {"world_size": 1, **json.loads(path.read_text())}  # a config saved without it: one process
     new = json.loads(json.dumps({**dataclasses.asdict(cfg), "world_size": world_size}, default=str))  # tuples: lists
-    return {k: (saved.get(k), v) for k, v in new.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
-
-
-def _saved_fields(cfg, out_dir: Path, fields) -> bool:
-    """Whether any of `fields` differs between cfg and the config saved in out_dir."""
-    saved = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else {}
-    new = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    return any(f in new and saved.get(f) != new[f] for f in fields)
+    return {k: (saved.get(k), v) for k, v in new.items()
+            if (k in RESUMABLE_CHANGES) == resumable and saved.get(k) != v}
 
 
 def start_run(cfg, out: Path) -> str | None:
@@ -161,7 +156,8 @@ def start_run(cfg, out: Path) -> str | None:
     if changes and is_main_process():
         print(f"{out}: the finished run there had another config ({', '.join(changes)}); starting afresh")
     checkpoint = None if changes else checkpoint
-    stale_baselines = checkpoint is not None and _saved_fields(cfg, out, BASELINE_FIELDS)
+    stale_baselines = checkpoint is not None and bool(set(config_changes(cfg, out, world, resumable=True))
+                                                      & set(BASELINE_FIELDS))
     barrier()  # every process has decided from the folder as it was, before the main process changes it
     with main_process_first():
         if is_main_process():
