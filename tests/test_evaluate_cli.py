@@ -381,7 +381,7 @@ def test_model_detection_and_errors(models, tmp_path):
 
 def test_readme_snippet_runs(models, capsys):
     readme = (paths.REPO / "README.md").read_text()
-    section = readme.split("## Evaluate a saved model", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## Use a trained model in your code", 1)[1].split("\n## ", 1)[0]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     code, n = re.subn(r'^bi_encoder_path = ".*"$', f'bi_encoder_path = "{models["bi"]}"', code, flags=re.M)
     code, m = re.subn(r'^cross_encoder_path = ".*"$', f'cross_encoder_path = "{models["ce"]}"', code, flags=re.M)
