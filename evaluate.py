@@ -180,6 +180,29 @@ def load_benchmark_split(data: "MSMarco", name: str, max_queries: int = -1,
                           min_grade, metrics, lambda q: official()[q] if q in official() else None)
 
 
+def dev_test_part(dev: BenchmarkSplit) -> BenchmarkSplit:
+    """dev's queries in dev-test, the part that decided nothing (dev-tune chose the training scripts' checkpoints and
+    the sample presets), measured from dev's own ranking: a figure free of that choice at no second scoring."""
+    qids = dev_part(dev.qids, "test")
+    keep = set(qids)
+    return BenchmarkSplit("dev-test", qids, [t for q, t in zip(dev.qids, dev.queries) if q in keep],
+                          {str(q): dev.qrels[str(q)] for q in qids}, dev.min_grade, dev.metrics, dev.candidates)
+
+
+def _run_by_query(path: Path) -> Iterable[tuple[str, dict[str, float]]]:
+    """(qid, {pid: score}) per query of a run file this script wrote (grouped by query), one query in memory."""
+    qid, docs = None, {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            q, _, pid, _, score, _ = line.split()
+            if q != qid and docs:
+                yield qid, docs
+                docs = {}
+            qid, docs[pid] = q, float(score)
+    if docs:
+        yield qid, docs
+
+
 def _run_lines(qid: str, docs: dict[str, float], tag: str, k: int | None = None) -> str:
     """One query's lines in write_trec_run's format."""
     return "".join(f"{qid} Q0 {pid} {i} {float(docs[pid])!r} {tag}\n" for i, pid in enumerate(rank(docs, k), start=1))
@@ -235,7 +258,7 @@ def _candidate_lists(split: BenchmarkSplit, data_dir: Path, run_file: str, depth
                     path / f"{split.name}.run")
     if not path.is_file():
         raise SystemExit(f"error: run file {path} does not exist")
-    run = read_trec_run(path)
+    run = read_trec_run(path, qids=map(str, split.qids))
     out = {q: np.asarray(rank(run[str(q)], depth), dtype=np.int64) for q in split.qids if str(q) in run}
     if not out:
         raise SystemExit(f"error: {path} ranks none of the {len(split.qids)} judged queries of split {split.name}")
@@ -347,6 +370,7 @@ def main(cfg: Config) -> dict:
             print(f"note: split {s} skipped: its files are not in the bundled sample "
                   f"({', '.join(SPLIT_FILES[source_split(s)])})")
     splits = [load_benchmark_split(data, s, cfg.max_queries, cfg.seed) for s in names]
+    derived = [dev_test_part(s) for s in splits if s.name == "dev" and "dev-test" not in names]
     print(f"{label}: {kind} from {folder}; splits " + ", ".join(f"{s.name} ({len(s.qids)} queries)" for s in splits))
 
     # 1. Model, on the GPU when there is one.
@@ -384,10 +408,21 @@ def main(cfg: Config) -> dict:
                 results[s.name] = {"mode": f"rerank {source}", "queries": len(s.qids), "run": f"{s.name}.run",
                                    "model": _evaluate_stream(s, ranked, out / f"{s.name}.run", tag, cfg.depth)}
 
+    for p in derived:  # dev-test from dev's run, reported right after dev
+        m = StreamingMetrics(p.qrels, p.min_grade, _recall_ks(cfg.depth))
+        for qid, docs in _run_by_query(out / "dev.run"):
+            m.add(qid, docs)
+        part = {"mode": results["dev"]["mode"], "queries": len(p.qids), "run": "dev.run", "part_of": "dev",
+                "model": _select(m.result(), p.metrics)}
+        results = {k: v for name, r in results.items() for k, v in [(name, r)] + [(p.name, part)] * (name == "dev")}
+
     # 3. Beside the model: the candidates' own order (a --run_file's, or BM25's where the data folder has its run).
     #    An official candidate file in file order is no ranking: only its recall over all candidates is kept.
     unranked = []
-    for s in splits:
+    for s in splits + derived:
+        if s in derived and "dev" in lists:  # a part of dev: dev's candidates of its queries
+            keep = set(s.qids)
+            lists[s.name] = {q: c for q, c in lists["dev"][0].items() if q in keep}, lists["dev"][1]
         if s.name not in lists and not _reference_at_hand(data.dir, s.name):
             print(f"note: no BM25 column for {s.name}: neither {BM25_RUNS / (source_split(s.name) + '.run')} nor its "
                   f"candidate file is in {data.dir} (a bi-encoder needs neither, so neither is downloaded)")
@@ -410,6 +445,8 @@ def main(cfg: Config) -> dict:
     write_json_atomic(out / "metrics.json", report)
     cand_header = "candidates" if cfg.run_file and kind == "cross-encoder" else "BM25"
     print_results(results, cand_header, published=not is_sample and not cfg.run_file)
+    if derived:
+        print("(dev-test: dev's queries that chose no checkpoint or preset, measured from the same dev run)")
     if unranked:
         print(f"(BM25 column of {', '.join(unranked)}: the official candidate files are not in rank order, so only "
               f"the recall of all candidates is shown; a BM25 run at <data_dir>/{BM25_RUNS}/<split>.run ranks them)")

@@ -76,7 +76,8 @@ def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None
     candidate file (top1000.dev, the DL top-1000), all of them: those files list each query's candidates in no
     particular order, so a prefix of them would be an arbitrary subset. `max_queries` takes a seeded random subset,
     sorted by qid (the training scripts keep seed 0: runs of different seeds are compared on the same queries).
-    Queries without candidates are left out (they would score 0 for every system)."""
+    A judged query without candidates stays, with none: it scores 0 for every system, as in the official MS MARCO
+    evaluation and evaluate.py, so a first stage that misses queries does not flatter the figures."""
     base = split.split("-")[0]
     if base == "dev":
         queries, qrels_int, official = data.queries("dev"), data.qrels("dev"), data.dev_candidates
@@ -86,28 +87,33 @@ def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None
         official, min_grade = (lambda: data.trec_dl_candidates(int(base[2:]))), 2
     else:
         raise ValueError(f"unknown evaluation split {split!r}: use dev, dev-tune, dev-test, dl2019 or dl2020")
+    # every query judged relevant at some grade: nDCG@10 counts it (as trec_eval does), MRR and recall only where a
+    # judgment reaches min_grade (msmarco.metrics)
+    qids = sorted(q for q in qrels_int if any(g > 0 for g in qrels_int[q].values()))
+    if split != base:
+        qids = dev_part(qids, split.split("-", 1)[1])
+    if max_queries is not None and max_queries < len(qids):
+        rng = np.random.default_rng(seed)
+        qids = sorted(rng.choice(qids, size=max_queries, replace=False).tolist())
     if first_stage:
         path = paths.resolve_dir(first_stage)
         path = path / f"{base}.run" if path.is_dir() else path
         if not path.is_file():
             raise DataError(f"first-stage run {path} does not exist: give a TREC run file (qid Q0 pid rank score "
                             f"tag) of the {base} queries, or a folder of <split>.run files")
-        run = read_trec_run(path)
+        run = read_trec_run(path, qids=map(str, qids))
+        if not run:
+            raise DataError(f"first-stage run {path} ranks none of the {len(qids)} judged {split} queries: give a "
+                            f"run of the {base} queries")
         cands = {int(q): np.asarray(rank(docs, max_candidates), dtype=np.int64) for q, docs in run.items()}
         source = f"{path} (top {max_candidates or 'all'}, in its order)"
     else:  # only now: with a run of one's own the official file is neither downloaded nor read
         cands = official()
         source = f"{base} candidate file, all of each query's candidates (file order is not a ranking)"
-    # every query judged relevant at some grade: nDCG@10 counts it (as trec_eval does), MRR and recall only where a
-    # judgment reaches min_grade (msmarco.metrics)
-    qids = sorted(q for q in qrels_int if q in cands and any(g > 0 for g in qrels_int[q].values()))
-    if split != base:
-        qids = dev_part(qids, split.split("-", 1)[1])
-    if max_queries is not None and max_queries < len(qids):
-        rng = np.random.default_rng(seed)
-        qids = sorted(rng.choice(qids, size=max_queries, replace=False).tolist())
+    if missing := sum(q not in cands for q in qids):
+        print(f"note: {missing} of the {len(qids)} {split} queries have no candidates in the {source}; they score 0")
     collection = data.collection()
-    cand_list = [np.asarray(cands[q]) for q in qids]
+    cand_list = [np.asarray(cands[q] if q in cands else (), dtype=np.int64) for q in qids]
     return RerankSet(split, qids, queries.get_many(qids), cand_list, [collection.get_many(c) for c in cand_list],
                      str_qrels({q: qrels_int[q] for q in qids}), min_grade, source, ranked=bool(first_stage))
 
@@ -134,6 +140,8 @@ def cross_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
     significant digits, would tie close candidates and blur the metrics)."""
     import torch
     pairs = [(q, p) for q, ps in zip(rs.queries, rs.passages) for p in ps]
+    if not pairs:  # every query of this share without candidates
+        return _split_scores(rs, np.zeros(0))
     scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
                            activation_fn=torch.nn.Identity())
     return _split_scores(rs, np.asarray(scores, dtype=np.float64).reshape(len(pairs), -1)[:, 0])
@@ -142,6 +150,8 @@ def cross_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
 def bi_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
     """Rerank the candidates by the bi-encoder's similarity (its own similarity function: cosine or dot)."""
     flat = [p for ps in rs.passages for p in ps]
+    if not flat:
+        return _split_scores(rs, np.zeros(0))
     q_emb = model.encode_query(rs.queries, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
     p_emb = model.encode_document(flat, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
     owner = np.repeat(np.arange(len(rs.qids)), [len(c) for c in rs.candidates])

@@ -64,18 +64,23 @@ def bi_eval(models, tmp_path_factory):
 
 
 def _check_against_ir_measures(out: Path, report: dict, depth: int) -> None:
-    assert set(report["splits"]) == {"dev", "dl2020"}  # no DL 2019 in the sample: skipped with a note
+    # no DL 2019 in the sample: skipped with a note; dev-test (dev's queries that decided nothing) from dev's run
+    assert list(report["splits"]) == ["dev", "dev-test", "dl2020"]
     for split, res in report["splits"].items():
         run_path = out / res["run"]
         _check_trec_run(run_path, depth)
         run = {}
         for r in ir_measures.read_trec_run(str(run_path)):
             run.setdefault(r.query_id, {})[r.doc_id] = r.score
-        assert len(run) == res["queries"] == 10
-        qrels = [q for q in ir_measures.read_trec_qrels(str(QRELS[split])) if q.query_id in run]
-        names = {k: v for k, v in (DEV_MEASURES if split == "dev" else DL_MEASURES).items() if not k.startswith("R@")}
+        if split == "dev-test":
+            assert res["part_of"] == "dev" and res["run"] == "dev.run"
+            run = {q: d for q, d in run.items() if int(q) in evaluation.dev_part([int(q) for q in run], "test")}
+        assert len(run) == res["queries"] == (10 if split != "dev-test" else len(run)) > 0
+        qrels = [q for q in ir_measures.read_trec_qrels(str(QRELS[split.split("-")[0]])) if q.query_id in run]
+        dev = split.startswith("dev")
+        names = {k: v for k, v in (DEV_MEASURES if dev else DL_MEASURES).items() if not k.startswith("R@")}
         for k in [k for k in (100, 1000) if k <= depth] or [depth]:
-            names[f"R@{k}"] = f"R@{k}" if split == "dev" else f"R(rel=2)@{k}"
+            names[f"R@{k}"] = f"R@{k}" if dev else f"R(rel=2)@{k}"
         # Exact ties happen (the sample's collection holds duplicate passages, which a model scores alike).
         # msmarco.metrics breaks them as trec_eval does (docno descending; checked against trec_eval in
         # test_metrics.py), ir-measures' default provider for RR@k the other way: so it is given the run's ranks.
@@ -308,6 +313,12 @@ def test_dev_tune_and_dev_test_are_the_training_scripts_parts_of_dev(models, tmp
     mrr = {s: report[s]["model"]["MRR@10"] for s in report}
     assert mrr["dev"] == pytest.approx((mrr["dev-tune"] * n["dev-tune"] + mrr["dev-test"] * n["dev-test"]) / 100,
                                        abs=1e-9)
+    # --splits=dev alone reports dev-test beside it, from dev's run: the same figures as scoring dev-test itself
+    alone = evaluate.main(evaluate.Config(model=str(models["ce"]), data_dir=str(SAMPLE), batch_size=32, depth=20,
+                                          splits=("dev",), output_dir=str(tmp_path / "alone")))["splits"]
+    assert list(alone) == ["dev", "dev-test"] and alone["dev-test"]["queries"] == report["dev-test"]["queries"]
+    for key in ("model", "candidates"):
+        assert alone["dev-test"][key] == pytest.approx(report["dev-test"][key], abs=1e-12), key
     with pytest.raises(SystemExit, match="unknown split.*dev-test"):
         evaluate.main(evaluate.Config(model=str(models["ce"]), splits=("dev-other",), output_dir=str(tmp_path)))
 

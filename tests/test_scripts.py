@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from msmarco import config, errors, evaluation, paths
+from msmarco import config, errors, evaluation, metrics, paths
 from msmarco.data import MSMarco
 
 SCRIPTS = ["train_cross-encoder-v1", "train_cross-encoder-v2", "train_bi-encoder-v2"]
@@ -114,6 +114,28 @@ def test_no_first_stage_row_for_a_candidate_files_order():
     assert not plain.ranked and bm25.ranked and "not a ranking" in plain.first_stage
     assert evaluation.rerank_table([plain], evaluation.cross_encoder_run, {}) == {"dev-test": {}}
     assert set(evaluation.rerank_table([bm25], evaluation.cross_encoder_run, {})["dev-test"]) == {"first_stage"}
+
+
+def test_queries_a_first_stage_misses_score_zero(tmp_path, capsys):
+    """A judged query that the first stage's run does not list stays in the set with no candidates and scores 0, as
+    in the official evaluation (and evaluate.py): dropping it would raise every row's figures by the share missed."""
+    data = MSMarco(paths.SAMPLE_DIR)
+    full = evaluation.load_rerank_set(data, "dev-test", None, 20, "data/sample/runs/bm25")
+    dropped = {str(q) for q in full.qids[::4]}
+    lines = (paths.SAMPLE_DIR / "runs" / "bm25" / "dev.run").read_text().splitlines(keepends=True)
+    (tmp_path / "dev.run").write_text("".join(ln for ln in lines if ln.split()[0] not in dropped))
+    cut = evaluation.load_rerank_set(data, "dev-test", None, 20, str(tmp_path / "dev.run"))
+    assert f"{len(dropped)} of the {len(full.qids)} dev-test queries have no candidates" in capsys.readouterr().out
+    assert cut.qids == full.qids and [len(c) for c in cut.candidates] == [
+        0 if str(q) in dropped else len(c) for q, c in zip(full.qids, full.candidates)]
+    bm25 = metrics.read_trec_run(tmp_path / "dev.run")
+    official = metrics.evaluate_run(bm25, full.qrels, recall_ks=())  # every judged query: a missing one scores 0
+    table = evaluation.rerank_table([cut], evaluation.cross_encoder_run, {})["dev-test"]["first_stage"]
+    assert table == pytest.approx({"MRR@10": official["MRR@10"], "nDCG@10": official["nDCG@10"]}, abs=1e-12)
+    assert official["MRR@10"] < evaluation.rerank_metrics(evaluation.candidate_order_run(full), full)["MRR@10"]
+    with pytest.raises(errors.DataError, match="ranks none of the"):
+        (tmp_path / "dl.run").write_text("1 Q0 7 1 1.0 x\n")
+        evaluation.load_rerank_set(data, "dev-test", None, 20, str(tmp_path / "dl.run"))
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
