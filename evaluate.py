@@ -287,7 +287,8 @@ def _bi_encoder_splits(model, folder: Path, data, splits: list[BenchmarkSplit], 
     label = cache.name.rsplit("-", 1)[0]
     for old in cache.parent.glob("*"):  # one cache per model: 6.8 GB each for 384 dimensions at full size
         if old != cache and re.fullmatch(re.escape(label) + r"-[0-9a-f]{16}", old.name):
-            print(f"removing {old}: the embeddings of an earlier {label} (other model files, max_seq_length, dtype or collection)")
+            print(f"removing {old}: the embeddings of an earlier {label} (other model files, max_seq_length, "
+                  "dtype or collection)")
             shutil.rmtree(old, ignore_errors=True)
     print(f"collection: {len(coll):,} passages; embedding cache {cache}")
     emb = encode_collection(model, coll, cache, batch_size=cfg.batch_size, chunk=cfg.encode_chunk)
