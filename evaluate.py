@@ -83,18 +83,18 @@ def model_kind(folder) -> str:
         raise SystemExit(f"error: model folder {folder} does not exist")
     st_cfg = folder / "config_sentence_transformers.json"
     if st_cfg.exists():
-        kind = json.loads(st_cfg.read_text()).get("model_type")
+        kind = _json(st_cfg).get("model_type")
         if kind in ("SentenceTransformer", "CrossEncoder"):
             return "bi-encoder" if kind == "SentenceTransformer" else "cross-encoder"
         if kind:
             raise SystemExit(f"error: {folder} holds a {kind} model; evaluate.py takes a SentenceTransformer "
                              "(bi-encoder) or a CrossEncoder")
     if (folder / "modules.json").exists():
-        types = [m.get("type", "") for m in json.loads((folder / "modules.json").read_text())]
+        types = [m.get("type", "") for m in _json(folder / "modules.json")]
         if any(t.endswith("Pooling") for t in types):
             return "bi-encoder"
     if (folder / "config.json").exists():
-        archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        archs = _json(folder / "config.json").get("architectures") or []
         if any(a.endswith("ForSequenceClassification") for a in archs):
             return "cross-encoder"
     raise SystemExit(f"error: {folder} is neither a SentenceTransformer (bi-encoder: modules.json with a Pooling "
@@ -102,10 +102,19 @@ def model_kind(folder) -> str:
                      "training script saved, e.g. --model=output/train_bi-encoder-v2/model")
 
 
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path} is not valid JSON ({e}): the model folder is damaged; save the model again")
+
+
 def _model_folder(name: str) -> Path:
     path = resolve_model(name)
     if Path(path).is_dir():
         return Path(path)
+    if Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:  # a path; hub ids: org/name
+        raise SystemExit(f"error: model folder {name} does not exist")
     try:  # a hub name: its snapshot folder (downloaded unless offline)
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(path))
@@ -356,8 +365,6 @@ def main(cfg: Config) -> dict:
     kind = model_kind(folder)
     label = model_label(cfg.model, folder)
     out = paths.resolve_dir(cfg.output_dir or paths.OUTPUT_DIR / "evaluate" / label)
-    save_config(cfg, out)
-    (out / "metrics.json").unlink(missing_ok=True)  # an earlier evaluation's, until this one writes its own
     data = MSMarco(cfg.data_dir)
     is_sample = paths.is_sample(data.dir)
     if kind == "bi-encoder" and cfg.run_file:
@@ -370,7 +377,12 @@ def main(cfg: Config) -> dict:
         else:
             print(f"note: split {s} skipped: its files are not in the bundled sample "
                   f"({', '.join(SPLIT_FILES[source_split(s)])})")
+    if not names:
+        raise SystemExit(f"error: nothing to evaluate: --splits={','.join(cfg.splits)} names no split that "
+                         f"{data.dir} has; choose from {', '.join([*SPLIT_FILES, *DEV_PARTS])}")
     splits = [load_benchmark_split(data, s, cfg.max_queries, cfg.seed) for s in names]
+    save_config(cfg, out)  # only now: a command refused above leaves an earlier evaluation's folder as it was
+    (out / "metrics.json").unlink(missing_ok=True)  # an earlier evaluation's, until this one writes its own
     derived = [dev_test_part(s) for s in splits if s.name == "dev" and "dev-test" not in names]
     print(f"{label}: {kind} from {folder}; splits " + ", ".join(f"{s.name} ({len(s.qids)} queries)" for s in splits))
 

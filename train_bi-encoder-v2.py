@@ -138,9 +138,9 @@ def training_queries(data: MSMarco, cfg: Config) -> tuple[Grouped, Grouped]:
                                                                                  np.random.default_rng(cfg.seed)))
     else:
         raise SystemExit(f"--negatives must be hard or triples, not {cfg.negatives!r}")
-    if not len(positives):
-        raise SystemExit("no training query has a negative left after filtering: lower --ce_margin or check "
-                         "--systems")
+    if not len(positives):  # the hard negatives' filter says so itself (MSMarco.filtered_negatives)
+        raise SystemExit(f"error: the sample of {cfg.max_triples:,} triples holds no training query: check "
+                         f"{data.path('qidpidtriples.train.full.2.tsv.gz')}")
     return positives, negatives
 
 

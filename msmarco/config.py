@@ -1,9 +1,10 @@
 """A script's configuration: its `Config` dataclass, the --sample preset, and `--key=value` overrides from the command
-line, converted to each field's type. An unknown key or a bad value ends the script with a message that lists the
-valid options (exit code 1)."""
+line, converted to each field's type and checked against the fields' ranges and choices. An unknown key or a bad value
+ends the script with a message that lists the valid options (exit code 1), before anything is read or written."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -69,10 +70,61 @@ def parse_cli(cfg, argv: list[str] | None = None):
     return dataclasses.replace(cfg, **changes)
 
 
+# The ranges and choices of the fields the scripts share, by name. They are checked when the command is parsed, before
+# anything is written: a mistyped value must neither replace a finished run (run.start_run) nor end a run later in a
+# library's traceback. -1 stays allowed where it is a field's default ("all", "the model's own", "by device").
+AT_LEAST_1 = ("batch_size", "eval_steps", "logging_steps", "neg_per_pos", "epochs", "max_pairs", "max_lines",
+              "max_triples", "eval_queries", "mini_batch_size", "depth", "encode_chunk", "max_length", "max_seq_length",
+              "retrieval_k", "length_window", "negs_per_system", "max_steps", "max_queries", "pad_multiple",
+              "chunk_cost")
+AT_LEAST_0 = ("warmup_steps", "random_negatives", "eval_candidates", "heldout_queries", "weight_decay",
+              "eval_max_seq_length", "save_total_limit")
+CHOICES = {"pooling": ("cls", "mean"), "negatives": ("triples", "hard"), "similarity": ("cosine", "dot"),
+           "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+           "compile_mode": ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+           "report_to": ("none", "tensorboard", "wandb", "all")}
+NOT_EMPTY = ("data_dir", "output_dir", "model_name")  # where the default names one: "" would be the repository root
+REPORT_SPLITS = ("dl2019", "dl2020")
+
+
+def check(cfg, default) -> None:
+    """Raise ValueError for a field outside its range or choices (the names above; fields a config lacks are
+    skipped)."""
+    has = {f.name for f in dataclasses.fields(cfg)}
+    for key in has & set(AT_LEAST_1):
+        v = getattr(cfg, key)
+        if v < 1 and not (v == -1 == getattr(default, key)):
+            raise ValueError(f"--{key} must be 1 or more" + (" (or -1)" if getattr(default, key) == -1 else "")
+                             + f", not {v}")
+    for key in has & set(AT_LEAST_0):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"--{key} must be 0 or more, not {getattr(cfg, key)}")
+    for key in has & set(CHOICES):
+        if getattr(cfg, key) not in CHOICES[key]:
+            raise ValueError(f"--{key} must be one of {', '.join(map(repr, CHOICES[key]))}, not {getattr(cfg, key)!r}")
+    for key in has & set(NOT_EMPTY):
+        if getattr(default, key) and not str(getattr(cfg, key)).strip():
+            raise ValueError(f"--{key} must not be empty (the default is {getattr(default, key)!r})")
+    if "lr" in has and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"--lr must be a positive number, not {cfg.lr}")
+    if "dropout" in has and not (cfg.dropout == -1 or 0 <= cfg.dropout < 1):
+        raise ValueError(f"--dropout must be in [0, 1), or -1 for the base model's own, not {cfg.dropout}")
+    if "report_splits" in has and (bad := [s for s in cfg.report_splits if s not in REPORT_SPLITS]):
+        raise ValueError(f"--report_splits takes TREC DL years among {', '.join(REPORT_SPLITS)}, not {bad}")
+    if {"random_negatives", "neg_per_pos"} <= has and cfg.random_negatives > cfg.neg_per_pos:
+        raise ValueError(f"--random_negatives ({cfg.random_negatives}) is a share of --neg_per_pos "
+                         f"({cfg.neg_per_pos}): at most that many")
+
+
 def script_config(default, sample_preset: dict, argv: list[str] | None = None):
     """The config of a script run: defaults, then the sample preset if --sample, then the --key=value overrides.
     --help lists the values the run would use (with --sample, the preset's)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_cli(default, [a for a in argv if a not in ("--help", "-h")])
     base = dataclasses.replace(default, **sample_preset, sample=True) if cfg.sample else default
-    return parse_cli(base, argv)
+    cfg = parse_cli(base, argv)
+    try:
+        check(cfg, default)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}\n(--help lists every option with the value a run would use)") from None
+    return cfg

@@ -188,7 +188,12 @@ class MSMarco:
                    "qrels.train.tsv"]
         folder = prepared(self.dir, "bi-encoder-negatives-" + params_key(setting), [self.path(n) for n in sources],
                           build)
-        return Grouped(folder, "pos"), Grouped(folder, "neg")
+        pos = Grouped(folder, "pos")
+        if not len(pos):
+            raise DataError(f"no training query keeps a negative after the CE filter (ce_margin {ce_margin}, "
+                            f"systems {', '.join(systems) or 'all'}): lower --ce_margin, check --systems, or check "
+                            f"that {self.path('qrels.train.tsv')} judges the queries of the hard-negatives file")
+        return pos, Grouped(folder, "neg")
 
     # --- token ids, for building training batches without tokenizing text (msmarco/tokens.py)
     def tokens(self, texts: str, tokenizer) -> TokenStore:

@@ -5,6 +5,7 @@ Any other exception is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 
 
@@ -22,6 +23,7 @@ class OutputFolderError(RuntimeError):
 
 
 # A bad --key=value already ends the script with its message (config.py).
+REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}  # OSErrors that name a folder to fix
 USER_ERRORS = (DataError, DownloadError, OutputFolderError)
 
 
@@ -32,4 +34,13 @@ def user_errors():
         yield
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume from the newest checkpoint", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except OSError as e:  # a folder the user named that cannot be written: read-only, not a folder, no permission
+        if e.errno not in REFUSED or e.filename is None:
+            raise
+        print(f"error: cannot write {e.filename}: {e.strerror}. Pass a writable --output_dir (or --data_dir), or "
+              f"fix the folder's permissions", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

@@ -136,6 +136,12 @@ def config_changes(cfg, out_dir: Path, world_size: int = 1, resumable: bool = Fa
             if (k in RESUMABLE_CHANGES) == resumable and saved.get(k) != v}
 
 
+# What start_run removes when a run starts afresh (and writes later): in a folder without a run's config.json they are
+# someone else's files.
+RUN_FILES = ("checkpoints", "model", "model.tmp", "model.old", "metrics.jsonl", "metrics.png", "baselines.json",
+             "results.json")
+
+
 def start_run(cfg, out: Path) -> str | None:
     """Prepare output/<script>/: the checkpoint to resume from (newest complete one, if cfg.resume), else a
     clean slate (old checkpoints, metric history and results removed). Writes the config beside the outputs.
@@ -145,6 +151,11 @@ def start_run(cfg, out: Path) -> str | None:
     never continues a run under settings it did not train with. Under a launcher it joins the process group;
     only the main process touches the folder."""
     _, world = init_distributed()
+    theirs = [n for n in RUN_FILES if (out / n).exists()]
+    if theirs and not (out / "config.json").exists():
+        raise OutputFolderError(f"{out} holds {', '.join(theirs)} but no config.json of a run, so they are not a "
+                                f"training run's and would be deleted: pass --output_dir=<an empty or new folder>, or "
+                                f"move them away")
     checkpoint = last_checkpoint(out / "checkpoints") if cfg.resume else None
     changes = config_changes(cfg, out, world) if checkpoint else {}
     if changes and not (out / "results.json").exists():
@@ -163,7 +174,7 @@ def start_run(cfg, out: Path) -> str | None:
         if is_main_process():
             if checkpoint is None:
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
-                for name in ("metrics.jsonl", "baselines.json"):
+                for name in ("metrics.jsonl", "metrics.png", "baselines.json"):
                     (out / name).unlink(missing_ok=True)
                 for name in ("model", "model.tmp", "model.old"):  # a previous run's model must not sit beside
                     shutil.rmtree(out / name, ignore_errors=True)  # this run's config

@@ -1,5 +1,6 @@
 """`--key=value` overrides of a config dataclass (msmarco/config.py): typed values, clear errors listing the options."""
 import dataclasses
+import re
 
 import pytest
 
@@ -75,3 +76,54 @@ def test_script_config_applies_the_sample_preset_and_help_shows_its_values(capsy
         with pytest.raises(SystemExit) as e:
             config.script_config(ScriptCfg(), preset, argv)
         assert e.value.code == 0 and shown in capsys.readouterr().out
+
+
+SCRIPTS = ["train_cross-encoder-v1", "train_cross-encoder-v2", "train_bi-encoder-v2", "evaluate"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--batch_size=0"], "--batch_size must be 1 or more, not 0"),
+    (["--max_steps=0"], "--max_steps must be 1 or more (or -1), not 0"),
+    (["--lr=nan"], "--lr must be a positive number"),
+    (["--lr=-1e-5"], "--lr must be a positive number"),
+    (["--report_to=foo"], "--report_to must be one of"),
+    (["--output_dir="], "--output_dir must not be empty"),
+    (["--data_dir= "], "--data_dir must not be empty"),
+    (["--dropout=1.5"], "--dropout must be in [0, 1)"),
+    (["--eval_candidates=-1"], "--eval_candidates must be 0 or more"),
+    (["--report_splits=dl2021"], "--report_splits takes TREC DL years among dl2019, dl2020"),
+    (["--attn_implementation=foo"], "--attn_implementation must be one of"),
+    (["--compile_mode=fast"], "--compile_mode must be one of"),
+])
+@pytest.mark.parametrize("script", SCRIPTS[:3])
+def test_out_of_range_values_end_the_command_before_it_starts(script, argv, says):
+    """Checked when the command is parsed, before run.start_run may replace a finished run: a mistyped value must
+    change nothing, and must not surface later as a library's traceback."""
+    from test_scripts import load
+    mod = load(script)
+    for preset in ([], ["--sample"]):
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            config.script_config(mod.Config(), mod.SAMPLE, preset + argv)
+
+
+@pytest.mark.parametrize("script, argv, says", [
+    ("train_cross-encoder-v1", ["--negatives=hrad"], "--negatives must be one of 'triples', 'hard'"),
+    ("train_cross-encoder-v1", ["--neg_per_pos=1", "--random_negatives=2"], "at most that many"),
+    ("train_cross-encoder-v1", ["--max_length=-1"], "--max_length must be 1 or more, not -1"),
+    ("train_cross-encoder-v1", ["--pooling=max"], "--pooling must be one of 'cls', 'mean'"),
+    ("train_cross-encoder-v2", ["--max_lines=0"], "--max_lines must be 1 or more (or -1)"),
+    ("train_cross-encoder-v2", ["--heldout_queries=-5"], "--heldout_queries must be 0 or more"),
+    ("train_bi-encoder-v2", ["--mini_batch_size=0"], "--mini_batch_size must be 1 or more"),
+    ("train_bi-encoder-v2", ["--similarity=l2"], "--similarity must be one of"),
+    ("evaluate", ["--depth=0"], "--depth must be 1 or more, not 0"),
+    ("evaluate", ["--max_queries=0"], "--max_queries must be 1 or more (or -1)"),
+    ("evaluate", ["--max_length=-5"], "--max_length must be 1 or more (or -1)"),
+])
+def test_each_scripts_own_fields_are_checked(script, argv, says):
+    from test_scripts import load
+    mod = load(script)
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        config.script_config(mod.Config(), mod.SAMPLE, argv)
+    # the defaults, the sample preset and the sentinel -1 where it is a field's default all pass
+    for ok in ([], ["--sample"], ["--max_length=-1"] if script == "evaluate" else ["--max_steps=-1"]):
+        config.script_config(mod.Config(), mod.SAMPLE, ok)

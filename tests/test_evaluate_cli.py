@@ -388,6 +388,20 @@ def test_model_detection_and_errors(models, tmp_path):
     with pytest.raises(SystemExit, match="run_file"):
         evaluate.main(_cfg(models["bi"], tmp_path, run_file="x.run"))
     assert config.parse_cli(evaluate.Config(), ["--model=m", "--splits=dev,dl2020"]).splits == ("dev", "dl2020")
+    # nothing to evaluate, a model path that does not exist, a damaged model folder: clear errors, and the output
+    # folder of an earlier evaluation left as it was
+    (tmp_path / "metrics.json").write_text("{}")
+    for kw, says in [(dict(splits=()), "nothing to evaluate"), (dict(splits=("dl2019",)), "nothing to evaluate")]:
+        with pytest.raises(SystemExit, match=says):
+            evaluate.main(_cfg(models["ce"], tmp_path, **kw))
+    assert (tmp_path / "metrics.json").read_text() == "{}" and not (tmp_path / "config.json").exists()
+    with pytest.raises(SystemExit, match="model folder output/nope/model does not exist"):
+        evaluate.main(evaluate.Config(model="output/nope/model"))
+    broken = tmp_path / "broken"
+    shutil.copytree(models["ce"], broken)
+    (broken / "config_sentence_transformers.json").write_text("{bad")
+    with pytest.raises(SystemExit, match="is not valid JSON .* save the model again"):
+        evaluate.model_kind(broken)
 
 
 def test_readme_snippet_runs(models, capsys):

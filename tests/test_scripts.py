@@ -1,7 +1,9 @@
 """The three training scripts, imported as modules and run with tiny budgets on the bundled sample."""
+import dataclasses
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -198,6 +200,37 @@ def test_a_cut_run_refuses_another_config_and_a_finished_one_is_replaced(tiny_ru
     assert not (done / "checkpoints").exists() and not (done / "results.json").exists()
     assert not (done / "model").exists()  # the old run's model never sits beside the new run's config
     assert json.loads((done / "config.json").read_text())["lr"] == 7e-6
+    assert not (done / "metrics.png").exists()  # nor its plot
+
+
+def test_a_refused_command_leaves_a_finished_run_and_a_foreign_folder_as_they_were(tiny_runs, tmp_path):
+    """A value out of range ends the command when it is parsed, before start_run would replace the finished run; and
+    a folder holding a model/ or results.json without a run's config.json is not the scripts' to clear."""
+    from msmarco import run
+    mod, cfg, full, out = tiny_runs("train_cross-encoder-v1")
+    done = tmp_path / "done"
+    shutil.copytree(out, done)
+    before = sorted(str(p.relative_to(done)) for p in done.rglob("*"))
+    proc = subprocess.run([sys.executable, "train_cross-encoder-v1.py", "--sample", f"--output_dir={done}",
+                           "--negatives=hrad"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "--negatives must be one of 'triples', 'hard', not 'hrad'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(str(p.relative_to(done)) for p in done.rglob("*")) == before
+    foreign = tmp_path / "foreign"
+    (foreign / "model").mkdir(parents=True)
+    (foreign / "results.json").write_text("{}")
+    with pytest.raises(errors.OutputFolderError, match="model, results.json but no config.json"):
+        run.start_run(config.parse_cli(cfg, [f"--output_dir={foreign}"]), foreign)
+    assert (foreign / "model").is_dir() and (foreign / "results.json").exists()
+    assert not (foreign / "config.json").exists()
+
+
+def test_a_filter_that_keeps_no_query_says_what_to_change(copy):
+    """Every negative filtered away (or no judged training query) is a clear error, not a division by zero."""
+    mod = load("train_cross-encoder-v1")
+    cfg = config.script_config(mod.Config(), mod.SAMPLE, ["--sample", f"--data_dir={copy}", "--ce_margin=1000"])
+    with pytest.raises(errors.DataError, match="no training query keeps a negative after the CE filter"):
+        mod.training_pairs(MSMarco(copy), cfg)
 
 
 def test_rerunning_a_finished_run_trains_no_step_past_max_steps(tiny_runs, tmp_path, capsys):
@@ -318,15 +351,15 @@ def test_bad_choice_values_are_clear_errors(tmp_path):
     v2, cfg = tiny_config("train_cross-encoder-v2", tmp_path, "--loss=kl")
     with pytest.raises(SystemExit, match="--loss must be mse or margin_mse"):
         v2.main(cfg)
-    bi, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--similarity=euclid")
+    bi, cfg = tiny_config("train_bi-encoder-v2", tmp_path)  # parsing refuses it first (test_config.py); main too
     with pytest.raises(SystemExit, match="--similarity must be cosine or dot"):
-        bi.main(cfg)
+        bi.main(dataclasses.replace(cfg, similarity="euclid"))
     bi, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--systems=bm25,nosuchsystem")
     with pytest.raises(SystemExit, match="nosuchsystem"):
         bi.main(cfg)
-    v1, cfg = tiny_config("train_cross-encoder-v1", tmp_path, "--compile_mode=fast")
+    v1, cfg = tiny_config("train_cross-encoder-v1", tmp_path)
     with pytest.raises(SystemExit, match="--compile_mode must be empty .* reduce-overhead"):
-        v1.main(cfg)
+        v1.main(dataclasses.replace(cfg, compile_mode="fast"))
 
 
 def test_compiled_training_saves_the_plain_model(tmp_path):
