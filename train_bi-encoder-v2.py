@@ -121,8 +121,8 @@ def training_queries(data: MSMarco, cfg: Config) -> tuple[Grouped, Grouped]:
     negatives=triples: the distinct positives and negatives of each query of a seeded uniform sample of
     `max_triples` triples (MSMarco.triples: one pass over the whole file, once per size and seed)."""
     if cfg.negatives == "triples" and cfg.systems:
-        raise SystemExit(f"--systems={','.join(cfg.systems)} picks mining systems of the hard negatives; the BM25 "
-                         f"triples (--negatives=triples) have none: drop --systems, or use --negatives=hard")
+        raise SystemExit(f"error: --systems={','.join(cfg.systems)} picks mining systems of the hard negatives; the "
+                         f"BM25 triples (--negatives=triples) have none: drop --systems, or use --negatives=hard")
     if cfg.negatives == "hard":
         positives, negatives = data.filtered_negatives(cfg.ce_margin, cfg.negs_per_system, cfg.systems)
     elif cfg.negatives == "triples":
@@ -137,7 +137,7 @@ def training_queries(data: MSMarco, cfg: Config) -> tuple[Grouped, Grouped]:
         negatives = Grouped.from_arrays(qids, n_ptr, shuffle_within_groups(n_ptr, n_val,
                                                                                  np.random.default_rng(cfg.seed)))
     else:
-        raise SystemExit(f"--negatives must be hard or triples, not {cfg.negatives!r}")
+        raise SystemExit(f"error: --negatives must be hard or triples, not {cfg.negatives!r}")
     if not len(positives):  # the hard negatives' filter says so itself (MSMarco.filtered_negatives)
         raise SystemExit(f"error: the sample of {cfg.max_triples:,} triples holds no training query: check "
                          f"{data.path('qidpidtriples.train.full.2.tsv.gz')}")
@@ -215,7 +215,7 @@ def loss_scale(cfg: Config) -> float:
 
 def main(cfg: Config) -> dict:
     if cfg.similarity not in ("cosine", "dot") or cfg.loss not in ("mnrl", "cached_mnrl"):
-        raise SystemExit(f"--similarity must be cosine or dot (got {cfg.similarity!r}); --loss mnrl or "
+        raise SystemExit(f"error: --similarity must be cosine or dot (got {cfg.similarity!r}); --loss mnrl or "
                          f"cached_mnrl (got {cfg.loss!r})")
     out = resolve_dir(cfg.output_dir)
     checkpoint = start_run(cfg, out)

@@ -131,9 +131,9 @@ def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
         neg = np.asarray(negatives.values)[negatives.ptr[q][:, None] + j % negatives.lengths[q][:, None]].ravel()
         queries = np.repeat(positives.qids[q], k)
     else:
-        raise SystemExit(f"--negatives must be triples or hard, not {cfg.negatives!r}")
+        raise SystemExit(f"error: --negatives must be triples or hard, not {cfg.negatives!r}")
     if not 0 <= cfg.random_negatives <= k:
-        raise SystemExit(f"--random_negatives must be in 0..neg_per_pos ({k}), not {cfg.random_negatives}")
+        raise SystemExit(f"error: --random_negatives must be in 0..neg_per_pos ({k}), not {cfg.random_negatives}")
     if cfg.random_negatives:  # the last ones of each positive's k: seeded draws from the collection, not that positive
         slot = np.flatnonzero(np.arange(len(neg)) % k >= k - cfg.random_negatives)
         own = (t[:, 1] if cfg.negatives == "triples" else np.repeat(pos, k))[slot]  # the positive of each row's query

@@ -148,7 +148,7 @@ def teacher_fit(model: CrossEncoder, data: MSMarco, lines: np.ndarray, max_pairs
 
 def main(cfg: Config) -> dict:
     if cfg.loss not in ("mse", "margin_mse"):
-        raise SystemExit(f"--loss must be mse or margin_mse, not {cfg.loss!r}")
+        raise SystemExit(f"error: --loss must be mse or margin_mse, not {cfg.loss!r}")
     out = resolve_dir(cfg.output_dir)
     checkpoint = start_run(cfg, out)
     data = MSMarco(cfg.data_dir)

@@ -162,7 +162,7 @@ class MSMarco:
         hn = self.hard_negatives()
         unknown = set(systems) - set(hn.systems)
         if unknown:
-            raise SystemExit(f"--systems names {sorted(unknown)}, not in the hard-negatives file; it has: "
+            raise SystemExit(f"error: --systems names {sorted(unknown)}, not in the hard-negatives file; it has: "
                              f"{', '.join(hn.systems)}")
         setting = dict(ce_margin=ce_margin, negs_per_system=per_system, systems=sorted(systems))
 

@@ -35,6 +35,7 @@ from typing import Iterable
 import numpy as np
 
 from . import formats
+from .errors import DataError
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
@@ -181,14 +182,18 @@ def read_trec_run(path, qids: Iterable[str] | None = None) -> Run:
             if not fields:
                 continue
             if len(fields) != 6:
-                raise ValueError(f"{path}:{lineno}: expected 6 fields, got {len(fields)}: {line!r}")
+                raise DataError(f"{path}:{lineno}: expected 6 fields (qid Q0 pid rank score tag), got "
+                                f"{len(fields)}: {line!r}; fix or regenerate the run file")
             qid, _, pid, _, score, _ = fields
             if keep is not None and qid not in keep:
                 continue
             docs = run.setdefault(qid, {})
             if pid in docs:
-                raise ValueError(f"{path}:{lineno}: duplicate document {pid} for query {qid}")
-            docs[pid] = float(score)
+                raise DataError(f"{path}:{lineno}: duplicate document {pid} for query {qid}")
+            try:
+                docs[pid] = float(score)
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: the score {score!r} is not a number") from None
     return run
 
 

