@@ -27,7 +27,7 @@ from msmarco import paths
 from msmarco.config import script_config
 from msmarco.data import MSMarco
 from msmarco.errors import user_errors
-from msmarco.evaluation import (SPLIT_FILES, available, dev_part, encode_collection, search_embeddings,
+from msmarco.evaluation import (BM25_RUNS, SPLIT_FILES, available, dev_part, encode_collection, search_embeddings,
                                 write_json_atomic)
 from msmarco.metrics import Qrels, StreamingMetrics, read_trec_run, rank, str_qrels
 from msmarco.models import no_cudnn_attention, resolve_model
@@ -56,9 +56,6 @@ SAMPLE = dict(data_dir="data/sample", batch_size=64)
 
 # Which metrics each split reports, and the grade that counts as relevant for MRR and recall.
 SPLIT_METRICS = {"dev": (1, ("MRR@10", "R@100", "R@1000")), "dl": (2, ("nDCG@10", "MRR@10", "R@100", "R@1000"))}
-# A BM25 ranking of a split's candidates, where a data folder has one (the sample bundles the real runs):
-# <data_dir>/runs/bm25/<split>.run. The official candidate files list each query's candidates in no particular order.
-BM25_RUNS = Path("runs") / "bm25"
 # The two fixed parts of dev-small (msmarco.evaluation.dev_part): dev-tune chose the training scripts' checkpoints and
 # the sample presets; dev-test decided nothing. Their files are dev's.
 DEV_PARTS = ("dev-tune", "dev-test")

@@ -12,12 +12,12 @@ sequence. `--negatives=triples` uses the BM25 training triples (qidpidtriples) i
 Training batches are built from token ids (tokenized once per tokenizer); within a batch the queries, and the
 passages (positives and negatives together), are sorted by length and cut into chunks padded for real tokens
 (msmarco/batching.py), while the batch itself stays a random draw, so the in-batch negatives are as hard as with
-the stock collator. The loss is the stock MultipleNegativesRankingLoss. While training it reranks held-out dev-small
-queries' candidates ("dev-tune") and keeps the best checkpoint by MRR@10; the final figures come from queries that
-chose nothing: other dev-small queries ("dev-test", also dense retrieval over the data folder's whole collection,
-MRR@10 and Recall@k, before and after training) and TREC DL, beside the untrained model and the first stage's order
-(a BM25 run with --first_stage). Expected at full scale (one GPU, distilbert-base-uncased, 10 epochs): about 0.338
-MRR@10 retrieving from the full collection on dev-small.
+the stock collator. The loss is the stock MultipleNegativesRankingLoss. While training it reranks held-out
+dev-small queries' candidates ("dev-tune") and keeps the best checkpoint by MRR@10; the final figures come from
+queries that chose nothing: other dev-small queries ("dev-test", also dense retrieval over the data folder's
+whole collection, MRR@10 and Recall@k, before and after training) and TREC DL, beside the untrained model and the
+first stage's order (a BM25 run: --first_stage, or the data folder's runs/bm25). Expected at full scale (one GPU,
+distilbert-base-uncased, 10 epochs): about 0.338 MRR@10 retrieving from the full collection on dev-small.
 
 Commands:
     python train_bi-encoder-v2.py --sample             # bundled sample, offline base model, 2 CPU cores, < 5 min
@@ -85,7 +85,7 @@ class Config:
     weight_decay: float = 0.01  # AdamW weight decay
     pad_multiple: int = -1  # pad batch chunks to a multiple of this (-1: 8 on a GPU, bounded shapes; 1 on a CPU)
     chunk_cost: int = -1  # padded tokens that one more forward pass is worth when a batch is cut (-1: by device)
-    first_stage: str = ""  # TREC run (a file, or a folder of <split>.run) whose candidates are reranked; "": files
+    first_stage: str = ""  # TREC run (file, or folder of <split>.run) reranked; "": <data_dir>/runs/bm25, else files
     eval_queries: int = 500  # dev-tune queries reranked during training; as many dev-test queries in the final report
     eval_candidates: int = 100  # candidates per query from first_stage (0: all); candidate files: all (no ranking)
     report_splits: tuple[str, ...] = ("dl2019", "dl2020")  # TREC DL years reranked in the final report
@@ -110,7 +110,7 @@ class Config:
 # that a user already has. 3 epochs of 6 steps and a check every 9 keep the longer checks inside the 5 minutes.
 SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", max_seq_length=96,
               eval_max_seq_length=256, ce_margin=0.0, epochs=3, batch_size=32, lr=2e-5, warmup_steps=2,
-              first_stage="data/sample/runs/bm25", eval_queries=60, eval_candidates=20, report_splits=("dl2020",),
+              eval_queries=60, eval_candidates=20, report_splits=("dl2020",),
               retrieval_eval=False, eval_steps=9, logging_steps=2)
 
 

@@ -15,8 +15,9 @@ Training batches are built from token ids (tokenized once per tokenizer), groupe
 tokens (msmarco/batching.py); the loss is the stock BinaryCrossEntropyLoss. While training it reranks held-out
 dev-small queries ("dev-tune") and keeps the best checkpoint by MRR@10; the final figures come from queries that
 chose nothing: other dev-small queries ("dev-test") and TREC DL, each beside the first stage's own order (a BM25
-run with --first_stage) and, on dev-tune, the untrained model. Expected at full scale (one GPU, ~20M pairs): the
-v1 models of this recipe reranked the dev-small BM25 top-1000 to 0.30-0.36 MRR@10 (TinyBERT-L-2 to ELECTRA-base).
+run: --first_stage, or the data folder's runs/bm25) and, on dev-tune, the untrained model. Expected at full scale
+(one GPU, ~20M pairs): the v1 models of this recipe reranked the dev-small BM25 top-1000 to 0.30-0.36 MRR@10
+(TinyBERT-L-2 to ELECTRA-base).
 
 Commands:
     python train_cross-encoder-v1.py --sample          # bundled sample, offline base model, 2 CPU cores, < 5 min
@@ -76,7 +77,7 @@ class Config:
     pad_multiple: int = -1  # pad batch chunks to a multiple of this (-1: 8 on a GPU, bounded shapes; 1 on a CPU)
     chunk_cost: int = -1  # padded tokens that one more forward pass is worth when a batch is cut (-1: by device)
     length_window: int = 64  # batches sorted by length together before they are shuffled (1: random batches)
-    first_stage: str = ""  # TREC run (a file, or a folder of <split>.run) whose candidates are reranked; "": files
+    first_stage: str = ""  # TREC run (file, or folder of <split>.run) reranked; "": <data_dir>/runs/bm25, else files
     eval_queries: int = 500  # dev-tune queries reranked during training; as many dev-test queries in the final report
     eval_candidates: int = 100  # candidates per query from first_stage (0: all); candidate files: all (no ranking)
     report_splits: tuple[str, ...] = ("dl2019", "dl2020")  # TREC DL years reranked in the final report
@@ -103,7 +104,7 @@ class Config:
 SAMPLE = dict(data_dir="data/sample", model_name="offline:all-MiniLM-L6-v2", pooling="mean", max_length=64,
               dropout=0.0, freeze_embeddings=True, negatives="hard", random_negatives=2, max_pairs=3_900, epochs=1,
               batch_size=16, lr=1e-4, warmup_steps=15,
-              first_stage="data/sample/runs/bm25", eval_queries=60, eval_candidates=20, report_splits=("dl2020",),
+              eval_queries=60, eval_candidates=20, report_splits=("dl2020",),
               eval_steps=1_000, logging_steps=10)
 
 

@@ -168,10 +168,11 @@ def rescore(script: str, out: Path, device: str) -> dict:
     """The saved model, reloaded with stock sentence-transformers on `device`, on the run's dev-test set."""
     sys.path.insert(0, str(REPO))
     from msmarco.data import MSMarco
-    from msmarco.evaluation import RerankEvaluator, bi_encoder_run, cross_encoder_run, load_rerank_set
+    from msmarco.evaluation import RerankEvaluator, bi_encoder_run, cross_encoder_run, first_stage_of, load_rerank_set
     cfg = json.loads((out / "config.json").read_text())
-    rs = load_rerank_set(MSMarco(cfg["data_dir"]), "dev-test", cfg["eval_queries"], cfg["eval_candidates"] or None,
-                         cfg["first_stage"])
+    data = MSMarco(cfg["data_dir"])
+    rs = load_rerank_set(data, "dev-test", cfg["eval_queries"], cfg["eval_candidates"] or None,
+                         first_stage_of(data.dir, cfg["first_stage"]))
     if script.startswith("train_bi"):
         from sentence_transformers import SentenceTransformer
         return RerankEvaluator(rs, bi_encoder_run).metrics(SentenceTransformer(str(out / "model"), device=device))

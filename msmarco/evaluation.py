@@ -51,6 +51,17 @@ class RerankSet:
 
 
 TUNE_SHARE = 0.4  # share of the dev queries in "dev-tune"
+# A BM25 ranking of a split's candidates where a data folder has one (the sample bundles the real runs): the official
+# candidate files list each query's candidates in no particular order.
+BM25_RUNS = Path("runs") / "bm25"
+
+
+def first_stage_of(data_dir: Path, first_stage: str) -> str:
+    """What a training script reranks: --first_stage if given, else the data folder's BM25 runs (<data_dir>/runs/bm25/
+    <split>.run, as evaluate.py reads them) where it has them, else "" (the official candidate files)."""
+    if first_stage:
+        return first_stage
+    return str(Path(data_dir) / BM25_RUNS) if (Path(data_dir) / BM25_RUNS).is_dir() else ""
 
 
 def dev_part(qids, part: str) -> list[int]:
@@ -122,9 +133,11 @@ def evaluation_sets(data: "MSMarco", cfg) -> tuple[RerankSet, list[RerankSet]]:
     """The evaluation sets of a training script: `cfg.eval_queries` dev-tune queries, scored during training to
     choose the checkpoint; and the sets of the final report, which decide nothing: as many dev-test queries and
     every judged query of cfg.report_splits (TREC DL years; those missing from the bundled sample are skipped).
-    Candidates: cfg.first_stage's top cfg.eval_candidates, or the official candidate files (load_rerank_set)."""
+    Candidates: the first stage's top cfg.eval_candidates (first_stage_of), or the official candidate files."""
+    first_stage = first_stage_of(data.dir, cfg.first_stage)
+
     def load(split: str, max_queries: int | None) -> RerankSet:  # the same queries whatever the training seed
-        return load_rerank_set(data, split, max_queries, cfg.eval_candidates or None, cfg.first_stage)
+        return load_rerank_set(data, split, max_queries, cfg.eval_candidates or None, first_stage)
     reports = [load("dev-test", cfg.eval_queries)]
     reports += [load(s, None) for s in cfg.report_splits if available(data.dir, s)]
     return load("dev-tune", cfg.eval_queries), reports

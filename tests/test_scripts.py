@@ -43,8 +43,9 @@ def tiny_config(name: str, out, *extra: str):
 
 def dev_test(cfg) -> evaluation.RerankSet:
     """The script's dev-test set: its first stage's candidates of held-out dev queries that chose nothing."""
-    return evaluation.load_rerank_set(MSMarco(cfg.data_dir), "dev-test", cfg.eval_queries, cfg.eval_candidates,
-                                      cfg.first_stage)
+    data = MSMarco(cfg.data_dir)
+    return evaluation.load_rerank_set(data, "dev-test", cfg.eval_queries, cfg.eval_candidates,
+                                      evaluation.first_stage_of(data.dir, cfg.first_stage))
 
 
 def rerun_metrics(name: str, model_dir, cfg) -> dict:
@@ -116,6 +117,21 @@ def test_no_first_stage_row_for_a_candidate_files_order():
     assert not plain.ranked and bm25.ranked and "not a ranking" in plain.first_stage
     assert evaluation.rerank_table([plain], evaluation.cross_encoder_run, {}) == {"dev-test": {}}
     assert set(evaluation.rerank_table([bm25], evaluation.cross_encoder_run, {})["dev-test"]) == {"first_stage"}
+
+
+def test_the_data_folders_bm25_runs_are_its_first_stage(copy):
+    """Without --first_stage a script reranks its data folder's BM25 runs (runs/bm25/<split>.run), as evaluate.py
+    does: a copy of the sample uses its own, and a folder without them the candidate files."""
+    mod = load("train_cross-encoder-v1")
+    cfg = config.script_config(mod.Config(), mod.SAMPLE, ["--sample", f"--data_dir={copy}"])
+    assert cfg.first_stage == ""
+    sets = [s for group in evaluation.evaluation_sets(MSMarco(copy), cfg) for s in ([group] if isinstance(
+        group, evaluation.RerankSet) else group)]
+    assert [s.name for s in sets] == ["dev-tune", "dev-test", "dl2020"]
+    assert all(s.ranked and str(copy / "runs" / "bm25") in s.first_stage for s in sets)
+    shutil.rmtree(copy / "runs")
+    tune, reports = evaluation.evaluation_sets(MSMarco(copy), cfg)
+    assert not tune.ranked and not any(s.ranked for s in reports)
 
 
 def test_queries_a_first_stage_misses_score_zero(tmp_path, capsys):
