@@ -369,7 +369,7 @@ def main(cfg: Config) -> dict:
                          "from the whole collection")
     names = []
     for s in cfg.splits:
-        if available(data.dir, s):
+        if available(data.dir, s, candidates=kind == "cross-encoder" and not cfg.run_file):
             names.append(s)
         else:
             print(f"note: split {s} skipped: its files are not in the bundled sample "

@@ -29,11 +29,13 @@ SPLIT_FILES = {"dev": ("queries.tar.gz", "qrels.dev.small.tsv", "top1000.dev.tar
                **{f"dl{y}": files for y, files in TREC_DL.items()}}
 
 
-def available(data_dir: Path, split: str) -> bool:
-    """At full scale every split is downloaded on demand; the bundled sample lacks some (no DL 2019)."""
+def available(data_dir: Path, split: str, candidates: bool = True) -> bool:
+    """At full scale every split is downloaded on demand; the bundled sample lacks some (no DL 2019). Without
+    `candidates` (a bi-encoder retrieves; a cross-encoder given a run file) the candidate file is not needed."""
     if not paths.is_sample(data_dir):
         return True
-    return all((Path(data_dir) / f).exists() for f in SPLIT_FILES[split.split("-")[0]])
+    needed = [f for f in SPLIT_FILES[split.split("-")[0]] if candidates or "top1000" not in f]
+    return all((Path(data_dir) / f).exists() for f in needed)
 
 
 @dataclass

@@ -415,7 +415,7 @@ def test_readme_snippet_runs(models, capsys):
     assert capsys.readouterr().out.strip()
 
 
-def test_a_bi_encoder_downloads_no_candidate_file_for_its_bm25_column(models, copy, tmp_path, monkeypatch):
+def test_a_bi_encoder_downloads_no_candidate_file_for_its_bm25_column(models, copy, tmp_path, monkeypatch, capsys):
     """A bi-encoder retrieves: its table shows BM25 beside it only where a BM25 run or the candidate file is already
     in the data folder. At full scale that column would download top1000.dev (687 MB) after the whole collection
     was encoded, and a failed download there lost metrics.json."""
@@ -428,11 +428,16 @@ def test_a_bi_encoder_downloads_no_candidate_file_for_its_bm25_column(models, co
     (copy / "top1000.dev.tar.gz").unlink()
     assert not evaluate._reference_at_hand(copy, "dev") and evaluate._reference_at_hand(copy, "dl2020")
     dummy = {"dev": {"mode": "retrieve", "queries": 3, "run": "dev.run", "model": {"MRR@10": 0.5}}}
-    monkeypatch.setattr(evaluate, "_bi_encoder_splits", lambda *a, **k: dummy)  # the retrieval is tested above
+
+    def retrieve(*a, **k):  # the retrieval is tested above; its run file is read back for dev-test
+        (tmp_path / "dev.run").write_text("")
+        return dummy
+    monkeypatch.setattr(evaluate, "_bi_encoder_splits", retrieve)
     (tmp_path / "metrics.json").write_text("{}")  # an earlier evaluation's: removed when this one starts
     report = evaluate.main(evaluate.Config(model=str(models["bi"]), data_dir=str(copy), splits=("dev",),
                                            max_queries=3, output_dir=str(tmp_path)))
-    assert "candidates" not in report["splits"]["dev"]
+    assert "candidates" not in report["splits"]["dev"] and "candidates" not in report["splits"]["dev-test"]
+    assert "skipped" not in capsys.readouterr().out  # dev is evaluated: a bi-encoder needs no candidate file
     assert json.loads((tmp_path / "metrics.json").read_text())["splits"]["dev"]["model"] == {"MRR@10": 0.5}
 
 
