@@ -13,6 +13,7 @@ The metrics (msmarco/metrics.py) reproduce trec_eval / ir-measures exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -195,20 +196,6 @@ def dev_test_part(dev: BenchmarkSplit) -> BenchmarkSplit:
                           {str(q): dev.qrels[str(q)] for q in qids}, dev.min_grade, dev.metrics, dev.candidates)
 
 
-def _run_by_query(path: Path) -> Iterable[tuple[str, dict[str, float]]]:
-    """(qid, {pid: score}) per query of a run file this script wrote (grouped by query), one query in memory."""
-    qid, docs = None, {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            q, _, pid, _, score, _ = line.split()
-            if q != qid and docs:
-                yield qid, docs
-                docs = {}
-            qid, docs[pid] = q, float(score)
-    if docs:
-        yield qid, docs
-
-
 def _run_lines(qid: str, docs: dict[str, float], tag: str, k: int | None = None) -> str:
     """One query's lines in write_trec_run's format."""
     return "".join(f"{qid} Q0 {pid} {i} {float(docs[pid])!r} {tag}\n" for i, pid in enumerate(rank(docs, k), start=1))
@@ -218,19 +205,36 @@ def _recall_ks(depth: int) -> tuple[int, ...]:
     return tuple(k for k in (100, 1000) if k <= depth) or (depth,)
 
 
-def _evaluate_stream(split: BenchmarkSplit, ranked: Iterable[tuple[int, dict[str, float]]], run_path: Path,
-                     tag: str, depth: int) -> dict[str, float]:
-    """Write each query's ranking to the run file (renamed into place when complete) and measure it."""
-    ks = _recall_ks(depth)
-    metrics = StreamingMetrics(split.qrels, split.min_grade, ks)
-    run_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run_path.with_name(run_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+def _measure(splits: list[BenchmarkSplit], ranked: Iterable[tuple[int, dict[str, float]]], depth: int,
+             run_path: Path | None = None, tag: str = "") -> dict[str, dict[str, float]]:
+    """{split name: metrics} of one stream of rankings for each of `splits` (a split and the part of it measured from
+    the same stream; each counts its own queries), and with `run_path` the rankings written there (renamed into
+    place when complete)."""
+    metrics = [StreamingMetrics(s.qrels, s.min_grade, _recall_ks(depth)) for s in splits]
+    with contextlib.ExitStack() as stack:
+        f = None
+        if run_path is not None:
+            run_path.parent.mkdir(parents=True, exist_ok=True)
+            f = stack.enter_context(open(run_path.with_name(run_path.name + ".tmp"), "w", encoding="utf-8"))
         for qid, docs in ranked:
-            f.write(_run_lines(str(qid), docs, tag, depth))
-            metrics.add(str(qid), docs)
-    os.replace(tmp, run_path)
-    return _select(metrics.result(), split.metrics)
+            if f is not None:
+                f.write(_run_lines(str(qid), docs, tag, depth))
+            for m in metrics:
+                m.add(str(qid), docs)
+    if run_path is not None:
+        os.replace(run_path.with_name(run_path.name + ".tmp"), run_path)
+    return {s.name: _select(m.result(), s.metrics) for s, m in zip(splits, metrics)}
+
+
+def _entries(s: BenchmarkSplit, part: BenchmarkSplit | None, mode: str, ranked, out: Path, tag: str,
+             depth: int) -> dict[str, dict]:
+    """The report entries of split `s` (its run written to out/<split>.run) and of its part, if any, right after it."""
+    measured = _measure([s, *([part] if part else [])], ranked, depth, out / f"{s.name}.run", tag)
+    entries = {s.name: {"mode": mode, "queries": len(s.qids), "run": f"{s.name}.run", "model": measured[s.name]}}
+    if part is not None:
+        entries[part.name] = {"mode": mode, "queries": len(part.qids), "run": f"{s.name}.run", "part_of": s.name,
+                              "model": measured[part.name]}
+    return entries
 
 
 def _select(m: dict[str, float], names: Iterable[str]) -> dict[str, float]:
@@ -287,7 +291,8 @@ def keep_head_fp32(model) -> None:
     head.register_forward_pre_hook(lambda mod, args: tuple(a.float() for a in args))
 
 
-def _bi_encoder_splits(model, folder: Path, data, splits: list[BenchmarkSplit], cfg: Config, out: Path, tag: str):
+def _bi_encoder_splits(model, folder: Path, data, splits: list[BenchmarkSplit], cfg: Config, out: Path, tag: str,
+                       parts: dict[str, BenchmarkSplit]):
     coll = data.collection()
     cache = data.dir / paths.PREPARED / "embeddings" / embedding_fingerprint(folder, model, coll)
     label = cache.name.rsplit("-", 1)[0]
@@ -308,8 +313,7 @@ def _bi_encoder_splits(model, folder: Path, data, splits: list[BenchmarkSplit], 
         start += len(s.qids)
         pids, sc = ids[rows[sl]], scores[sl]
         ranked = ((q, {str(p): float(v) for p, v in zip(pids[j], sc[j])}) for j, q in enumerate(s.qids))
-        results[s.name] = {"mode": "dense retrieval", "queries": len(s.qids), "run": f"{s.name}.run",
-                           "model": _evaluate_stream(s, ranked, out / f"{s.name}.run", tag, cfg.depth)}
+        results.update(_entries(s, parts.get(s.name), "dense retrieval", ranked, out, tag, cfg.depth))
     return results
 
 
@@ -380,7 +384,8 @@ def main(cfg: Config) -> dict:
     splits = [load_benchmark_split(data, s, cfg.max_queries, cfg.seed) for s in names]
     save_config(cfg, out)  # only now: a command refused above leaves an earlier evaluation's folder as it was
     (out / "metrics.json").unlink(missing_ok=True)  # an earlier evaluation's, until this one writes its own
-    derived = [dev_test_part(s) for s in splits if s.name == "dev" and "dev-test" not in names]
+    # dev-test beside dev, from dev's rankings: dev holds the dev-tune queries that chose checkpoints and presets
+    parts = {s.name: dev_test_part(s) for s in splits if s.name == "dev" and "dev-test" not in names}
     print(f"{label}: {kind} from {folder}; splits " + ", ".join(f"{s.name} ({len(s.qids)} queries)" for s in splits))
 
     # 1. Model, on the GPU when there is one.
@@ -405,7 +410,7 @@ def main(cfg: Config) -> dict:
     lists: dict[str, tuple[dict[int, np.ndarray], str]] = {}
     with torch.inference_mode():
         if kind == "bi-encoder":
-            results = _bi_encoder_splits(model, folder, data, splits, cfg, out, tag)
+            results = _bi_encoder_splits(model, folder, data, splits, cfg, out, tag, parts)
         else:
             results, coll = {}, data.collection()
             for s in splits:
@@ -415,39 +420,25 @@ def main(cfg: Config) -> dict:
                 if missing:
                     print(f"note: {missing} of the {len(s.qids)} {s.name} queries have no candidates; they score 0")
                 ranked = _cross_encoder_ranked(model, s, cands, coll, cfg.batch_size)
-                results[s.name] = {"mode": f"rerank {source}", "queries": len(s.qids), "run": f"{s.name}.run",
-                                   "model": _evaluate_stream(s, ranked, out / f"{s.name}.run", tag, cfg.depth)}
-
-    for p in derived:  # dev-test from dev's run, reported right after dev
-        m = StreamingMetrics(p.qrels, p.min_grade, _recall_ks(cfg.depth))
-        for qid, docs in _run_by_query(out / "dev.run"):
-            m.add(qid, docs)
-        part = {"mode": results["dev"]["mode"], "queries": len(p.qids), "run": "dev.run", "part_of": "dev",
-                "model": _select(m.result(), p.metrics)}
-        results = {k: v for name, r in results.items() for k, v in [(name, r)] + [(p.name, part)] * (name == "dev")}
+                results.update(_entries(s, parts.get(s.name), f"rerank {source}", ranked, out, tag, cfg.depth))
 
     # 3. Beside the model: the candidates' own order (a --run_file's, or BM25's where the data folder has its run).
     #    An official candidate file in file order is no ranking: only its recall over all candidates is kept.
     unranked = []
-    for s in splits + derived:
-        if s in derived and "dev" in lists:  # a part of dev: dev's candidates of its queries
-            keep = set(s.qids)
-            lists[s.name] = {q: c for q, c in lists["dev"][0].items() if q in keep}, lists["dev"][1]
+    for s in splits:
         if s.name not in lists and not _reference_at_hand(data.dir, s.name):
             print(f"note: no BM25 column for {s.name}: neither {BM25_RUNS / (source_split(s.name) + '.run')} nor its "
                   f"candidate file is in {data.dir} (a bi-encoder needs neither, so neither is downloaded)")
             continue
         cands, order = lists[s.name] if s.name in lists else \
             _candidate_lists(s, data.dir, "", cfg.depth, cut=False)[::2]
-        m = StreamingMetrics(s.qrels, s.min_grade, _recall_ks(cfg.depth))
-        for q, pids in cands.items():
-            m.add(str(q), {str(p): -float(i) for i, p in enumerate(pids)})
-        ref = _select(m.result(), s.metrics)
-        if order == "file order":
-            most = max((len(c) for c in cands.values()), default=0)
-            ref = {k: v for k, v in ref.items() if k.startswith("R@") and int(k[2:]) >= most}
-            unranked.append(s.name)
-        results[s.name]["candidates"], results[s.name]["candidates_order"] = ref, order
+        own = ((q, {str(p): -float(i) for i, p in enumerate(pids)}) for q, pids in cands.items())
+        for name, ref in _measure([s, *([parts[s.name]] if s.name in parts else [])], own, cfg.depth).items():
+            if order == "file order":
+                most = max((len(c) for c in cands.values()), default=0)
+                ref = {k: v for k, v in ref.items() if k.startswith("R@") and int(k[2:]) >= most}
+                unranked.append(name)
+            results[name]["candidates"], results[name]["candidates_order"] = ref, order
 
     report = {"model": str(folder), "model_type": kind, "data_dir": str(data.dir), "depth": cfg.depth,
               "candidates": cfg.run_file or "BM25 (data_dir/runs/bm25 where present, else the official top-1000)",
@@ -455,7 +446,7 @@ def main(cfg: Config) -> dict:
     write_json_atomic(out / "metrics.json", report)
     cand_header = "candidates" if cfg.run_file and kind == "cross-encoder" else "BM25"
     print_results(results, cand_header, published=not is_sample and not cfg.run_file)
-    if derived:
+    if parts:
         print("(dev-test: dev's queries that chose no checkpoint or preset, measured from the same dev run)")
     if unranked:
         print(f"(BM25 column of {', '.join(unranked)}: the official candidate files are not in rank order, so only "

@@ -427,12 +427,9 @@ def test_a_bi_encoder_downloads_no_candidate_file_for_its_bm25_column(models, co
     shutil.rmtree(copy / "runs")
     (copy / "top1000.dev.tar.gz").unlink()
     assert not evaluate._reference_at_hand(copy, "dev") and evaluate._reference_at_hand(copy, "dl2020")
-    dummy = {"dev": {"mode": "retrieve", "queries": 3, "run": "dev.run", "model": {"MRR@10": 0.5}}}
-
-    def retrieve(*a, **k):  # the retrieval is tested above; its run file is read back for dev-test
-        (tmp_path / "dev.run").write_text("")
-        return dummy
-    monkeypatch.setattr(evaluate, "_bi_encoder_splits", retrieve)
+    dummy = {"dev": {"mode": "retrieve", "queries": 3, "run": "dev.run", "model": {"MRR@10": 0.5}},
+             "dev-test": {"mode": "retrieve", "queries": 2, "run": "dev.run", "model": {"MRR@10": 0.4}}}
+    monkeypatch.setattr(evaluate, "_bi_encoder_splits", lambda *a, **k: dummy)  # the retrieval is tested above
     (tmp_path / "metrics.json").write_text("{}")  # an earlier evaluation's: removed when this one starts
     report = evaluate.main(evaluate.Config(model=str(models["bi"]), data_dir=str(copy), splits=("dev",),
                                            max_queries=3, output_dir=str(tmp_path)))
