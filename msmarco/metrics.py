@@ -170,7 +170,8 @@ def read_trec_run(path, qids: Iterable[str] | None = None) -> Run:
     """Read a TREC run file ``qid Q0 pid rank score tag`` (whitespace-separated).
 
     The rank column is ignored (order comes from the scores, like trec_eval).
-    A (qid, pid) pair listed twice raises ``ValueError``.  ``qids`` keeps only those
+    A malformed line or a (qid, pid) pair listed twice raises ``DataError`` (a
+    ``ValueError``) naming the line.  ``qids`` keeps only those
     queries: a full dev run is ~7M lines, about 0.7 GB as dicts, of which an
     evaluation of 500 queries needs 1/14.
     """
