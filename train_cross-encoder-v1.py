@@ -41,7 +41,7 @@ from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
 from msmarco.batching import PairBatches, batch_shape, on_token_batches
 from msmarco.config import script_config
-from msmarco.data import MSMarco, distinct_ids, id_dataset
+from msmarco.data import MSMarco, id_dataset
 from msmarco.distributed import main_process_first
 from msmarco.errors import user_errors
 from msmarco.evaluation import RerankEvaluator, cross_encoder_run, evaluation_sets, rerank_table
@@ -151,7 +151,8 @@ def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
     qid[neg_at], pid[neg_at] = queries, neg
     qid[pos_at], pid[pos_at], label[pos_at] = queries[::k], pos[:len(pos_at)], 1.0
     qid, pid, label = qid[:cfg.max_pairs], pid[:cfg.max_pairs], label[:cfg.max_pairs]
-    data.queries("train").rows_of(distinct_ids(qid)), data.collection().rows_of(distinct_ids(pid))  # fail now
+    data.check_train_qids(qid, "qidpidtriples.train.full.2.tsv.gz" if cfg.negatives == "triples"
+                          else "msmarco-hard-negatives.jsonl.gz")
     return id_dataset({"qid": qid, "pid": pid, "label": label}, "ce-v1-pairs")
 
 

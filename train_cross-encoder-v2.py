@@ -120,7 +120,8 @@ def training_samples(data: MSMarco, lines: np.ndarray, loss: str) -> Dataset:
     margin_mse: one row per line, (query, positive, negative, pos_score - neg_score). Rows are line numbers; token
     ids are looked up per batch (PairBatches with TeacherSamples)."""
     # fail now, not mid-run, on an unknown query: every query of the lines' span (the held-out ones too)
-    data.queries("train").rows_of(distinct_ids(data.teacher_scores()["qid"][:int(lines[-1]) + 1] if len(lines) else []))
+    data.check_train_qids(data.teacher_scores()["qid"][:int(lines[-1]) + 1] if len(lines) else [],
+                          "bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv")
 
     if loss == "mse":  # 2 * line and 2 * line + 1, interleaved, written in place (80M rows: 320 MB, no temporaries)
         rows = np.empty(2 * len(lines), np.int32)

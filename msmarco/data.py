@@ -153,6 +153,15 @@ class MSMarco:
             return load_array(folder, "teacher.bin", np.uint8).view(TEACHER_DTYPE)
         return self._once("teacher", make)
 
+    def check_train_qids(self, qids, source: str) -> None:
+        """Fail at the start, not mid-run: every query id that the training file `source` names must be in
+        queries.train.tsv (its passage ids were checked against the collection when its store was built)."""
+        try:
+            self.queries("train").rows_of(distinct_ids(qids))
+        except DataError as e:
+            raise DataError(f"{self.path(source)}: {e}: it and queries.tar.gz come from different releases; delete "
+                            "the one that is not the official file and download it again") from None
+
     def filtered_negatives(self, ce_margin: float, per_system: int, systems: tuple[str, ...] = ()) \
             -> tuple[Grouped, Grouped]:
         """Positives and CE-margin-filtered hard negatives (filter_negatives) of every training query that keeps one,

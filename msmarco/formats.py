@@ -53,7 +53,8 @@ def open_binary(path: Path, member: str | None = None) -> tuple[typing.BinaryIO,
                             f"delete it and download it again") from e
         if info is None:
             tar.close()
-            raise DataError(f"{path} holds no member named {member!r}")
+            raise DataError(f"{path} holds no member named {member!r}: it is not the published archive; delete it "
+                            "and download it again")
         return tar.extractfile(info), [tar]
     if path.suffix == ".gz":
         f = gzip.open(path, "rb")

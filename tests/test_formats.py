@@ -1,5 +1,7 @@
 """The raw-format parsers (msmarco/formats.py): mojibake repair, and a malformed line anywhere in a numeric row file
 is a DataError naming the file and line, which leaves no half-built store."""
+import io
+import tarfile
 import warnings
 
 import numpy as np
@@ -118,3 +120,16 @@ def test_int_rows_do_not_depend_on_where_the_blocks_cut(tmp_path, chunk_bytes, t
     path.write_text(text)
     got = np.concatenate([a for _, a in formats.iter_int_rows(path, 3, "rows", chunk_bytes=chunk_bytes, kinds="iii")])
     assert got.astype(int).tolist() == [list(r) for r in rows]
+
+
+def test_an_archive_without_the_member_says_what_to_do(tmp_path):
+    """A .tar.gz that lacks the file the scripts read from it (not the published archive) is a DataError naming the
+    archive, the member and the remedy."""
+    path = tmp_path / "queries.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("queries.eval.tsv")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"1\tq\n"))
+    with pytest.raises(errors.DataError, match="holds no member named 'queries.train.tsv': it is not the published "
+                                               "archive; delete it and download it again"):
+        formats.open_binary(path, "queries.train.tsv")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, rewrite_text
 from msmarco import config, errors, evaluation, metrics, paths
 from msmarco.data import MSMarco
 
@@ -247,6 +247,30 @@ def test_a_filter_that_keeps_no_query_says_what_to_change(copy):
     cfg = config.script_config(mod.Config(), mod.SAMPLE, ["--sample", f"--data_dir={copy}", "--ce_margin=1000"])
     with pytest.raises(errors.DataError, match="no training query keeps a negative after the CE filter"):
         mod.training_pairs(MSMarco(copy), cfg)
+
+
+@pytest.mark.parametrize("name, source, qid_field", [
+    ("train_cross-encoder-v2", "bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv", 2),
+    ("train_cross-encoder-v1", "qidpidtriples.train.full.2.tsv.gz", 0)])
+def test_a_training_query_not_in_the_queries_names_its_file(copy, name, source, qid_field):
+    """A training file whose query ids queries.tar.gz lacks (another release) ends at the start, naming that file
+    and what to do, before any step."""
+    def edit(lines):
+        f = lines[0].split(b"\t")
+        lines[0] = b"\t".join(f[:qid_field] + [b"1999999"] + f[qid_field + 1:])
+        return lines
+    rewrite_text(copy / source, edit)
+    mod = load(name)
+    cfg = config.script_config(mod.Config(), mod.SAMPLE, ["--sample", f"--data_dir={copy}", "--negatives=triples"]
+                               if name.endswith("v1") else ["--sample", f"--data_dir={copy}"])
+    data = MSMarco(copy)
+    with pytest.raises(errors.DataError) as e:
+        if name.endswith("v1"):
+            mod.training_pairs(data, config.parse_cli(cfg, ["--max_pairs=100000"]))  # every line of the triples
+        else:
+            mod.training_samples(data, np.arange(len(data.teacher_scores())), "mse")
+    assert str(copy / source) in str(e.value) and "[1999999]" in str(e.value)
+    assert "download it again" in str(e.value)
 
 
 def test_rerunning_a_finished_run_trains_no_step_past_max_steps(tiny_runs, tmp_path, capsys):
