@@ -53,7 +53,8 @@ from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_
                                 rerank_table)
 from msmarco.models import compile_args, freeze_unused_pooler, precision_args, resolve_model, set_dropout
 from msmarco.paths import resolve_dir
-from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run, train_from
+from msmarco.run import (baseline_metrics, merge, metric_history, report, resume_point, save_model, start_run,
+                         train_from)
 from msmarco.sampling import SamplerEpoch, SeededBatchSampler, no_duplicate_batches, top_up
 from msmarco.stores import Grouped
 
@@ -218,7 +219,7 @@ def main(cfg: Config) -> dict:
         raise SystemExit(f"error: --similarity must be cosine or dot (got {cfg.similarity!r}); --loss mnrl or "
                          f"cached_mnrl (got {cfg.loss!r})")
     out = resolve_dir(cfg.output_dir)
-    checkpoint = start_run(cfg, out)
+    checkpoint = resume_point(cfg, out)  # checks output/<script>/; start_run (stage 4) changes it
     data = MSMarco(cfg.data_dir)
 
     # 1. Data: filtered hard negatives and their per-epoch rotation (ids); evaluation sets: dev-tune queries choose
@@ -257,6 +258,7 @@ def main(cfg: Config) -> dict:
     rerank = RerankEvaluator(tune, bi_encoder_run)
     retrieval = RetrievalEvaluator(reports[0], data.collection(), k=cfg.retrieval_k, amp=cfg.amp) \
         if cfg.retrieval_eval else None
+    start_run(cfg, out, checkpoint)  # only now: a value that failed above left the folder's last run whole
     baselines = baseline_metrics(out, lambda: {
         **rerank_table([tune, *reports], bi_encoder_run, {"untrained": model}),
         **({"retrieval": {"untrained": retrieval.metrics(model)}} if cfg.retrieval_eval else {})}, tune.name)

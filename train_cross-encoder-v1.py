@@ -47,7 +47,8 @@ from msmarco.errors import user_errors
 from msmarco.evaluation import RerankEvaluator, cross_encoder_run, evaluation_sets, rerank_table
 from msmarco.models import compile_args, cross_encoder, head_bias, precision_args
 from msmarco.paths import resolve_dir
-from msmarco.run import baseline_metrics, merge, metric_history, report, save_model, start_run, train_from
+from msmarco.run import (baseline_metrics, merge, metric_history, report, resume_point, save_model, start_run,
+                         train_from)
 from msmarco.sampling import SamplerEpoch, length_grouped_batches
 
 
@@ -158,7 +159,7 @@ def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
 
 def main(cfg: Config) -> dict:
     out = resolve_dir(cfg.output_dir)
-    checkpoint = start_run(cfg, out)
+    checkpoint = resume_point(cfg, out)  # checks output/<script>/; start_run (stage 4) changes it
     data = MSMarco(cfg.data_dir)
 
     # 1. Data: training pairs (ids); evaluation sets: dev-tune queries choose the checkpoint, dev-test and TREC DL
@@ -183,6 +184,7 @@ def main(cfg: Config) -> dict:
 
     # 4. Evaluation before training: the first stage's order everywhere, the untrained model on dev-tune.
     evaluator = RerankEvaluator(tune, cross_encoder_run)
+    start_run(cfg, out, checkpoint)  # only now: a value that failed above left the folder's last run whole
     baselines = baseline_metrics(out, lambda: {**rerank_table([tune], cross_encoder_run, {"untrained": model}),
                                                **rerank_table(reports, cross_encoder_run, {})}, tune.name)
 

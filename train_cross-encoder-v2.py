@@ -44,8 +44,8 @@ from msmarco.errors import user_errors
 from msmarco.evaluation import RerankEvaluator, cross_encoder_run, evaluation_sets, rerank_table
 from msmarco.models import compile_args, cross_encoder, head_bias, precision_args
 from msmarco.paths import resolve_dir
-from msmarco.run import (baseline_metrics, merge, metric_history, report, save_model, start_run, teacher_description,
-                         train_from)
+from msmarco.run import (baseline_metrics, merge, metric_history, report, resume_point, save_model, start_run,
+                         teacher_description, train_from)
 from msmarco.sampling import SamplerEpoch, length_grouped_batches
 
 
@@ -151,7 +151,7 @@ def main(cfg: Config) -> dict:
     if cfg.loss not in ("mse", "margin_mse"):
         raise SystemExit(f"error: --loss must be mse or margin_mse, not {cfg.loss!r}")
     out = resolve_dir(cfg.output_dir)
-    checkpoint = start_run(cfg, out)
+    checkpoint = resume_point(cfg, out)  # checks output/<script>/; start_run (stage 4) changes it
     data = MSMarco(cfg.data_dir)
 
     # 1. Data: teacher lines (ids), held-out teacher lines; evaluation sets: dev-tune queries choose the checkpoint,
@@ -182,6 +182,7 @@ def main(cfg: Config) -> dict:
 
     # 4. Evaluation before training: the first stage's order everywhere, the untrained student on dev-tune.
     evaluator = RerankEvaluator(tune, cross_encoder_run)
+    start_run(cfg, out, checkpoint)  # only now: a value that failed above left the folder's last run whole
     baselines = baseline_metrics(out, lambda: {**rerank_table([tune], cross_encoder_run, {"untrained": model}),
                                                **rerank_table(reports, cross_encoder_run, {}),
                                                "untrained_fit": teacher_fit(model, data, held_lines)}, tune.name)

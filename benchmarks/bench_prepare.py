@@ -19,7 +19,7 @@ full-scale defaults except the offline base model, a fresh output folder and a s
 (20 dev queries x 20 candidates; bi-encoder: no retrieval pass over the collection), stopped at its first training
 step. The first start builds what the script adds (queries, qrels and dev-candidate stores, the bi-encoder's
 filtered negatives); the second start finds every store prepared. Printed per start: seconds from launching the
-process to entering the first training step, split into imports, data + model (start_run to the evaluation),
+process to entering the first training step, split into imports, data + model (run.resume_point to the evaluation),
 evaluation before training, trainer setup up to the first batch; and the peak RSS at that step, and before
 the evaluation (imports, data and model only: the evaluation's activations depend on the text lengths, and the
 synthetic random words tokenize into ~3x the pieces of real text).
@@ -141,9 +141,9 @@ import transformers
 # the synthetic files have other sizes than the published downloads: lift the size/md5 checks (nothing downloads)
 for k, v in list(sources.SOURCES.items()):
     sources.SOURCES[k] = dataclasses.replace(v, size=None, md5=None)
-_start, _base = run.start_run, run.baseline_metrics
+_start, _base = run.resume_point, run.baseline_metrics
 
-def start_run(*a, **k):
+def resume_point(*a, **k):
     marks["start_run"] = time.time()
     r = _start(*a, **k)
     marks["data_start"] = time.time()
@@ -166,7 +166,7 @@ def training_step(self, *a, **k):  # the first batch is built; stop before the f
     marks["first_step"] = time.time()
     raise FirstStep
 
-run.start_run, run.baseline_metrics = start_run, baseline_metrics
+run.resume_point, run.baseline_metrics = resume_point, baseline_metrics
 transformers.Trainer.training_step = training_step
 spec = importlib.util.spec_from_file_location(script.replace("-", "_"), f"{script}.py")
 mod = importlib.util.module_from_spec(spec)

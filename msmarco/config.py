@@ -58,11 +58,11 @@ def parse_cli(cfg, argv: list[str] | None = None):
             if not eq:
                 if fields[key] is bool and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
                     value = "true"
-                elif i + 1 < len(argv):
-                    i += 1
+                elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):  # else `--output_dir --sample`
+                    i += 1                                                    # would write to a folder "--sample"
                     value = argv[i]
                 else:
-                    raise ValueError(f"--{key} needs a value")
+                    raise ValueError(f"--{key} needs a value (--{key}=value)")
             changes[key] = _convert(value, fields[key], key)
             i += 1
     except ValueError as e:
@@ -78,7 +78,7 @@ AT_LEAST_1 = ("batch_size", "eval_steps", "logging_steps", "neg_per_pos", "epoch
               "retrieval_k", "length_window", "negs_per_system", "max_steps", "max_queries", "pad_multiple",
               "chunk_cost")
 AT_LEAST_0 = ("warmup_steps", "random_negatives", "eval_candidates", "heldout_queries", "weight_decay",
-              "eval_max_seq_length", "save_total_limit")
+              "eval_max_seq_length", "save_total_limit", "scale")
 CHOICES = {"pooling": ("cls", "mean"), "negatives": ("triples", "hard"), "similarity": ("cosine", "dot"),
            "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
            "compile_mode": ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -91,6 +91,8 @@ def check(cfg, default) -> None:
     """Raise ValueError for a field outside its range or choices (the names above; fields a config lacks are
     skipped)."""
     has = {f.name for f in dataclasses.fields(cfg)}
+    if "seed" in has and not 0 <= cfg.seed < 2 ** 32:
+        raise ValueError(f"--seed must be in 0..2**32-1 (numpy's and torch's seeds), not {cfg.seed}")
     for key in has & set(AT_LEAST_1):
         v = getattr(cfg, key)
         if v < 1 and not (v == -1 == getattr(default, key)):
@@ -114,6 +116,9 @@ def check(cfg, default) -> None:
     if {"random_negatives", "neg_per_pos"} <= has and cfg.random_negatives > cfg.neg_per_pos:
         raise ValueError(f"--random_negatives ({cfg.random_negatives}) is a share of --neg_per_pos "
                          f"({cfg.neg_per_pos}): at most that many")
+    for key in sorted(has):  # nan passes every comparison above as False: --ce_margin=nan would keep every negative
+        if isinstance(getattr(cfg, key), float) and not math.isfinite(getattr(cfg, key)):
+            raise ValueError(f"--{key} must be a finite number, not {getattr(cfg, key)}")
 
 
 def script_config(default, sample_preset: dict, argv: list[str] | None = None):

@@ -142,14 +142,13 @@ RUN_FILES = ("checkpoints", "model", "model.tmp", "model.old", "metrics.jsonl", 
              "results.json")
 
 
-def start_run(cfg, out: Path) -> str | None:
-    """Prepare output/<script>/: the checkpoint to resume from (newest complete one, if cfg.resume), else a
-    clean slate (old checkpoints, metric history and results removed). Writes the config beside the outputs.
+def resume_point(cfg, out: Path) -> str | None:
+    """The checkpoint of output/<script>/ that this run resumes (the newest complete one, if cfg.resume), or None: it
+    starts afresh. Reads the folder and changes nothing (start_run does, once the data and the model have loaded).
 
-    Only the same config resumes. A finished run (results.json written) with another config is replaced by the new
-    one; a cut run with another config ends the script (exit code 1) with the changed fields, so a mistyped flag
-    never continues a run under settings it did not train with. Under a launcher it joins the process group;
-    only the main process touches the folder."""
+    Only the same config resumes. A finished run (results.json written) with another config is to be replaced by
+    the new one; a cut run with another config ends the script (exit code 1) with the changed fields, so a mistyped
+    flag never continues a run under settings it did not train with. Under a launcher it joins the process group."""
     _, world = init_distributed()
     theirs = [n for n in RUN_FILES if (out / n).exists()]
     if theirs and not (out / "config.json").exists():
@@ -164,9 +163,19 @@ def start_run(cfg, out: Path) -> str | None:
         raise OutputFolderError(f"{out} holds a cut run ({Path(checkpoint).name}) with another config:\n{listed}\n"
                                 f"Rerun with its options to resume it, add --resume=false to replace it with this "
                                 f"run, or pass --output_dir=<another folder> to keep both.")
-    if changes and is_main_process():
-        print(f"{out}: the finished run there had another config ({', '.join(changes)}); starting afresh")
-    checkpoint = None if changes else checkpoint
+    return None if changes else checkpoint
+
+
+def start_run(cfg, out: Path, checkpoint: str | None) -> None:
+    """Make output/<script>/ this run's, given resume_point's `checkpoint`. The scripts call it once their data and
+    model have loaded, so a value that fails there (a misspelt model name or first-stage run, an unknown mining
+    system) leaves the folder's previous run whole. Afresh, the previous run's checkpoints, metric history, model and
+    results are removed; resumed, only its results (and its baselines where the report sets changed). Writes the
+    config beside the outputs; only the main process touches the folder."""
+    _, world = init_distributed()
+    replaced = checkpoint is None and (out / "results.json").exists() and config_changes(cfg, out, world)
+    if replaced and is_main_process():
+        print(f"{out}: the finished run there had another config ({', '.join(replaced)}); starting afresh")
     stale_baselines = checkpoint is not None and bool(set(config_changes(cfg, out, world, resumable=True))
                                                       & set(BASELINE_FIELDS))
     barrier()  # every process has decided from the folder as it was, before the main process changes it
@@ -184,7 +193,6 @@ def start_run(cfg, out: Path) -> str | None:
                     (out / "baselines.json").unlink(missing_ok=True)
             (out / "results.json").unlink(missing_ok=True)  # the figures of a run that is no longer the folder's
             save_config(cfg, out, world_size=world)
-    return checkpoint
 
 
 def train_from(trainer, checkpoint: str | None) -> None:

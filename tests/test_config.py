@@ -48,11 +48,19 @@ def test_parse_cli_unknown_key():
 
 @pytest.mark.parametrize("argv, key", [(["--lr=abc"], "--lr"), (["--epochs=1.5"], "--epochs"),
                                        (["--flag=maybe"], "--flag"), (["--sizes=1,x"], "--sizes"),
-                                       (["--epochs"], "--epochs")])
+                                       (["--epochs"], "--epochs"), (["--lr", "--epochs=2"], "--lr needs a value")])
 def test_parse_cli_bad_value(argv, key):
     with pytest.raises(SystemExit) as e:
         config.parse_cli(Cfg(), argv)
     assert key in str(e.value.code)
+
+
+def test_an_option_without_its_value_does_not_take_the_next_option():
+    """`--output_dir --sample` would otherwise write to a folder named "--sample" and run at full scale; a negative
+    number after a space is still a value."""
+    with pytest.raises(SystemExit, match="--lr needs a value"):
+        config.parse_cli(Cfg(), ["--lr", "--flag"])
+    assert config.parse_cli(Cfg(), ["--lr", "-1e-5"]).lr == -1e-5
 
 
 def test_parse_cli_positional_argument():
@@ -115,6 +123,10 @@ def test_out_of_range_values_end_the_command_before_it_starts(script, argv, says
     ("train_cross-encoder-v2", ["--heldout_queries=-5"], "--heldout_queries must be 0 or more"),
     ("train_bi-encoder-v2", ["--mini_batch_size=0"], "--mini_batch_size must be 1 or more"),
     ("train_bi-encoder-v2", ["--similarity=l2"], "--similarity must be one of"),
+    ("train_bi-encoder-v2", ["--scale=-5"], "--scale must be 0 or more"),
+    ("train_bi-encoder-v2", ["--ce_margin=nan"], "--ce_margin must be a finite number"),  # nan would keep every one
+    ("train_cross-encoder-v1", ["--ce_margin=inf"], "--ce_margin must be a finite number"),
+    ("train_cross-encoder-v2", ["--seed=-1"], "--seed must be in 0..2**32-1"),
     ("evaluate", ["--depth=0"], "--depth must be 1 or more, not 0"),
     ("evaluate", ["--max_queries=0"], "--max_queries must be 1 or more (or -1)"),
     ("evaluate", ["--max_length=-5"], "--max_length must be 1 or more (or -1)"),

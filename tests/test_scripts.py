@@ -179,6 +179,13 @@ def test_resume_continues_from_checkpoint(name, tiny_runs, tmp_path, capsys):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+def begin(run, cfg, out):
+    """What a script does to its output folder: resume_point at its start, start_run once data and model loaded."""
+    checkpoint = run.resume_point(cfg, out)
+    run.start_run(cfg, out, checkpoint)
+    return checkpoint
+
+
 def test_a_cut_run_refuses_another_config_and_a_finished_one_is_replaced(tiny_runs, tmp_path, monkeypatch):
     """A cut run met with other training options ends with the changed fields named (resumed, its restored optimizer
     and schedule would ignore a new --lr), leaving the folder as it was; options that only say where to write and
@@ -192,27 +199,27 @@ def test_a_cut_run_refuses_another_config_and_a_finished_one_is_replaced(tiny_ru
     saved = (cut / "config.json").read_text()
     other = config.parse_cli(cfg, [f"--output_dir={cut}", "--lr=7e-6", "--seed=13"])
     with pytest.raises(errors.OutputFolderError) as e:
-        run.start_run(other, cut)
+        run.resume_point(other, cut)
     msg = str(e.value)
     assert "--lr: 0.0001 -> 7e-06" in msg and "--seed: 12 -> 13" in msg and "--resume=false" in msg
     assert "--output_dir:" not in msg and msg.count(" -> ") == 2  # only the fields that change training
     assert (cut / "config.json").read_text() == saved and (cut / "checkpoints" / "checkpoint-2").is_dir()
     reporting = config.parse_cli(cfg, [f"--output_dir={cut}", "--logging_steps=5", "--report_to=none"])
-    assert run.start_run(reporting, cut).endswith("checkpoint-2")
+    assert begin(run, reporting, cut).endswith("checkpoint-2")
     # the batch size is per process: the same options under another number of processes are another run
     with monkeypatch.context() as m:
         m.setattr(run, "init_distributed", lambda: (0, 2))
         with pytest.raises(errors.OutputFolderError, match="processes: 1 -> 2"):
-            run.start_run(reporting, cut)
+            begin(run, reporting, cut)
     assert json.loads((cut / "config.json").read_text())["world_size"] == 1
-    assert run.start_run(config.parse_cli(other, ["--resume=false"]), cut) is None  # replaced on request
+    assert begin(run, config.parse_cli(other, ["--resume=false"]), cut) is None  # replaced on request
     assert not (cut / "checkpoints").exists() and not (cut / "model").exists()
 
     done = tmp_path / "done"
     shutil.copytree(out, done)
-    assert run.start_run(config.parse_cli(cfg, [f"--output_dir={done}"]), done).endswith("checkpoint-4")
+    assert begin(run, config.parse_cli(cfg, [f"--output_dir={done}"]), done).endswith("checkpoint-4")
     (done / "results.json").write_text("{}")  # finished, as a resumed run leaves it again
-    assert run.start_run(config.parse_cli(other, [f"--output_dir={done}"]), done) is None
+    assert begin(run, config.parse_cli(other, [f"--output_dir={done}"]), done) is None
     assert not (done / "checkpoints").exists() and not (done / "results.json").exists()
     assert not (done / "model").exists()  # the old run's model never sits beside the new run's config
     assert json.loads((done / "config.json").read_text())["lr"] == 7e-6
@@ -220,8 +227,9 @@ def test_a_cut_run_refuses_another_config_and_a_finished_one_is_replaced(tiny_ru
 
 
 def test_a_refused_command_leaves_a_finished_run_and_a_foreign_folder_as_they_were(tiny_runs, tmp_path):
-    """A value out of range ends the command when it is parsed, before start_run would replace the finished run; and
-    a folder holding a model/ or results.json without a run's config.json is not the scripts' to clear."""
+    """A value out of range ends the command when it is parsed, and one that fails on the data or the model ends it
+    before start_run would replace the finished run; and a folder holding a model/ or results.json without a run's
+    config.json is not the scripts' to clear."""
     from msmarco import run
     mod, cfg, full, out = tiny_runs("train_cross-encoder-v1")
     done = tmp_path / "done"
@@ -232,11 +240,18 @@ def test_a_refused_command_leaves_a_finished_run_and_a_foreign_folder_as_they_we
     assert proc.returncode == 1 and "--negatives must be one of 'triples', 'hard', not 'hrad'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(str(p.relative_to(done)) for p in done.rglob("*")) == before
+    # values that only fail on the data or the model fail before the folder changes: the finished run stays whole
+    for bad, says in [("--model_name=offline:all-MiniLM-L6-v3", "offline:all-MiniLM-L6-v3"),
+                      (f"--first_stage={tmp_path / 'typo.run'}", "typo.run"), ("--seed=-1", "--seed")]:
+        proc = subprocess.run([sys.executable, "train_cross-encoder-v1.py", "--sample", f"--output_dir={done}", bad],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert sorted(str(p.relative_to(done)) for p in done.rglob("*")) == before, bad
     foreign = tmp_path / "foreign"
     (foreign / "model").mkdir(parents=True)
     (foreign / "results.json").write_text("{}")
     with pytest.raises(errors.OutputFolderError, match="model, results.json but no config.json"):
-        run.start_run(config.parse_cli(cfg, [f"--output_dir={foreign}"]), foreign)
+        run.resume_point(config.parse_cli(cfg, [f"--output_dir={foreign}"]), foreign)
     assert (foreign / "model").is_dir() and (foreign / "results.json").exists()
     assert not (foreign / "config.json").exists()
 
