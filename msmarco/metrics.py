@@ -20,10 +20,11 @@ Every mean is taken over the queries of ``qrels`` that have at least one
 document of grade > 0; for MRR and recall at ``min_grade`` 2 (TREC DL) a query
 of that set with no document of grade >= 2 scores 0, as under trec_eval -l 2.
 A query of that set that is missing from the run scores 0.  This follows the official
-MS MARCO evaluation script, which divides by the number of judged queries.
-Note that trec_eval's default (and hence ir-measures) instead *skips* queries
-absent from the run, so the two agree only when the run covers every judged
-query.  Queries that appear only in the run are ignored.
+MS MARCO evaluation script, which divides by the number of judged queries, and
+ir-measures 0.4.3 does the same.  Unlike ir-measures, a query judged only grade 0
+is left out (ir-measures averages it in as a 0): the official sets hold none (the
+dev qrels are all grade 1, each of DL 2020's 54 judged queries has a grade >= 2),
+so there the two agree.  Queries that appear only in the run are ignored.
 """
 from __future__ import annotations
 

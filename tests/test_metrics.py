@@ -3,10 +3,11 @@
 The reference is trec_eval, through ir-measures (test-only dependency).  Two facts
 about ir-measures 0.4.3 shape these tests:
 
-* trec_eval (ir-measures' pytrec_eval provider) only scores queries present in
-  both run and qrels, while our metrics follow the official MS MARCO eval and
-  count a judged query missing from the run as 0.  The real-data comparisons
-  therefore assert first that each run covers every judged query.
+* ir-measures, like our metrics and the official MS MARCO eval, counts a judged
+  query missing from the run as 0, but it also averages in a query judged only
+  grade 0 (as 0), which ours leave out.  The real-data comparisons assert first
+  that each run covers every judged query; the real qrels hold no query judged
+  only 0 (test_a_query_judged_only_zero_is_left_out shows the difference).
 * ``RR@10`` has no trec_eval equivalent (trec_eval's ``recip_rank`` has no
   cutoff), so ir-measures' default pipeline computes ``RR(rel=2)@10`` with its
   ``msmarco`` provider, which breaks score ties by docno *ascending*, whereas
@@ -193,6 +194,21 @@ def test_query_without_relevant_doc_is_excluded():
     assert mrr_at_k(run, qrels, min_grade=2) == 0.0
     assert recall_at_k(run, qrels, min_grade=2) == 0.0
     assert mrr_at_k(run, {"q2": {"d2": 0}}) == 0.0  # nothing judged relevant at all
+
+
+def test_a_query_judged_only_zero_is_left_out(irm):
+    """A judged query missing from the run scores 0 here as in ir-measures; a query judged only grade 0 is left out
+    here, where ir-measures averages it in as 0: without it the two agree."""
+    from ir_measures import RR, nDCG
+
+    qrels = {"1": {"a": 2}, "3": {"p": 0}, "4": {"m": 2}}  # 4 is missing from the run, 3 is judged only 0
+    run = {"1": {"a": 1.0}, "3": {"p": 1.0}}
+    measures = [RR(rel=2) @ 10, nDCG @ 10]
+    ours = evaluate_run(run, qrels, min_grade=2, recall_ks=())
+    assert ours == {"MRR@10": 0.5, "nDCG@10": 0.5}
+    assert irm.pytrec_eval.calc_aggregate(measures, qrels, run) == pytest.approx({m: 1 / 3 for m in measures})
+    without = irm.pytrec_eval.calc_aggregate(measures, {q: j for q, j in qrels.items() if q != "3"}, run)
+    assert ours == pytest.approx({"MRR@10": without[RR(rel=2) @ 10], "nDCG@10": without[nDCG @ 10]}, abs=TOL)
 
 
 def test_judged_query_without_a_grade_2_doc_counts_zero_as_in_trec_eval(irm):
