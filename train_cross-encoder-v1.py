@@ -87,7 +87,7 @@ class Config:
     save_total_limit: int = 2  # checkpoints kept on disk, the best and the newest among them (HF counts the best)
     report_to: str = "none"  # also log to tensorboard or wandb (the HF Trainer's report_to; needs that package)
     amp: bool = True  # mixed precision: bf16 on GPUs with native bf16 and CPUs with AMX, fp16 on older GPUs (V100, T4)
-    seed: int = 12  # triples sample (a new seed: a new one-time pass), data order, head init
+    seed: int = 12  # triples sample (a new seed: a new one-time pass) or hard-negative rounds; data order; head init
     resume: bool = True  # continue from the newest checkpoint of output/train_cross-encoder-v1
     output_dir: str = "output/train_cross-encoder-v1"  # relative to the repository
 
@@ -114,12 +114,13 @@ def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
 
     triples: from a seeded uniform sample of the BM25 triples (MSMarco.triples(n, cfg.seed): n lines drawn from the
     whole file, which is sorted by query): every triple gives its negative, every `neg_per_pos`-th also its positive.
-    hard: the CE-margin filtered hard negatives (MSMarco.filtered_negatives), in rounds: in round r each query
-    gives its (r mod #positives)-th positive and its next `neg_per_pos` negatives, cycling, until max_pairs.
+    hard: the CE-margin filtered hard negatives (MSMarco.filtered_negatives), in rounds: in round r each query, in
+    a seeded order of its own, gives its next positive and its next `neg_per_pos` negatives, cycling through its
+    lists from a seeded start, until max_pairs.
     Either way the last `random_negatives` of each positive's negatives are then replaced by seeded uniform draws
     from the collection (redrawn where one hits the pair's positive).
     Token ids are looked up only when a batch is built (PairBatches)."""
-    k = cfg.neg_per_pos
+    k, rng = cfg.neg_per_pos, np.random.default_rng(cfg.seed)
     if cfg.negatives == "triples":
         t = np.asarray(data.triples(max_rows=math.ceil(cfg.max_pairs * k / (k + 1)), seed=cfg.seed))
         queries, pos, neg = t[:, 0], t[::k, 1], t[:, 2]
@@ -127,9 +128,13 @@ def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
         positives, negatives = data.filtered_negatives(cfg.ce_margin, cfg.negs_per_system)
         rounds = math.ceil(cfg.max_pairs / (len(positives) * (k + 1)))
         r = np.repeat(np.arange(rounds), len(positives))
-        q = np.tile(np.arange(len(positives)), rounds)
-        pos = np.asarray(positives.values)[positives.ptr[q] + r % positives.lengths[q]]
-        j = (r * k)[:, None] + np.arange(k)  # this round's negatives of each query, cycling through its list
+        # each round in its own seeded query order: the last round, cut at max_pairs, then holds random queries,
+        # not the lowest qids (the file's order); each query starts its lists at a seeded offset, so the seed also
+        # chooses which of its negatives the rounds reach where they reach fewer than all
+        q = np.concatenate([rng.permutation(len(positives)) for _ in range(rounds)])
+        start = rng.integers(0, 1 << 30, len(positives))[q]
+        pos = np.asarray(positives.values)[positives.ptr[q] + (start + r) % positives.lengths[q]]
+        j = (start + r * k)[:, None] + np.arange(k)  # this round's negatives of each query, cycling through its list
         neg = np.asarray(negatives.values)[negatives.ptr[q][:, None] + j % negatives.lengths[q][:, None]].ravel()
         queries = np.repeat(positives.qids[q], k)
     else:
@@ -139,7 +144,7 @@ def training_pairs(data: MSMarco, cfg: Config) -> Dataset:
     if cfg.random_negatives:  # the last ones of each positive's k: seeded draws from the collection, not that positive
         slot = np.flatnonzero(np.arange(len(neg)) % k >= k - cfg.random_negatives)
         own = (t[:, 1] if cfg.negatives == "triples" else np.repeat(pos, k))[slot]  # the positive of each row's query
-        ids, rng = np.asarray(data.collection().ids), np.random.default_rng(cfg.seed)
+        ids = np.asarray(data.collection().ids)
         neg, draw = np.array(neg), ids[rng.integers(0, len(ids), len(slot))]
         while (clash := draw == own).any():
             draw[clash] = ids[rng.integers(0, len(ids), int(clash.sum()))]

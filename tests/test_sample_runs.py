@@ -18,8 +18,8 @@ from conftest import ROOT
 # script -> (the baseline row: BM25's order or the untrained base, {(set, metric): least margin over it}). Each
 # margin is the lowest of 3 seeds' (docs/sample-runs.md) less 0.02, rounded down: a negative one is a known shortfall,
 # kept as a guard against regressions, not a claim.
-MARGINS = {"train_cross-encoder-v1.py": ("first_stage", {("dev-test", "MRR@10"): 0.11, ("dev-test", "nDCG@10"): 0.10,
-                                                         ("dl2020", "MRR@10"): 0.00, ("dl2020", "nDCG@10"): -0.01}),
+MARGINS = {"train_cross-encoder-v1.py": ("first_stage", {("dev-test", "MRR@10"): 0.08, ("dev-test", "nDCG@10"): 0.08,
+                                                         ("dl2020", "MRR@10"): 0.01, ("dl2020", "nDCG@10"): 0.00}),
            "train_cross-encoder-v2.py": ("first_stage", {("dev-test", "MRR@10"): 0.09, ("dev-test", "nDCG@10"): 0.09,
                                                          ("dl2020", "MRR@10"): 0.02, ("dl2020", "nDCG@10"): 0.00}),
            "train_bi-encoder-v2.py": ("untrained", {("dev-test", "MRR@10"): -0.04, ("dev-test", "nDCG@10"): -0.04,

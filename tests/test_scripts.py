@@ -602,7 +602,16 @@ def test_v1_pairs_from_filtered_hard_negatives(tmp_path):
     assert len(qid) == 900 and label.tolist() == [1.0, 0.0, 0.0] * 300
     for q, p, lab in zip(qid.tolist(), pid.tolist(), label.tolist()):
         assert p in (positives[q] if lab else negatives[q]).tolist()
-    first_round = qid[:3 * len(positives)][::3]
+    first_round, cut_round = qid[:3 * len(positives)][::3], qid[3 * len(positives):][::3]
     assert sorted(first_round.tolist()) == positives.qids.tolist()  # every query once per round
+    assert 0 < len(cut_round) < len(positives) and len(set(cut_round.tolist())) == len(cut_round)
+    # the round that max_pairs cuts holds seeded random queries, not the lowest qids (the file's order)
+    assert sorted(cut_round.tolist()) != positives.qids[:len(cut_round)].tolist()
+    again = mod.training_pairs(data, cfg).data.table.column("qid").to_numpy()
+    other = mod.training_pairs(data, config.parse_cli(cfg, ["--seed=99"])).data.table
+    assert again.tolist() == qid.tolist() and other.column("qid").to_numpy().tolist() != qid.tolist()
+    n = 3 * len(positives)  # the first round, every query: the seed chooses its negatives, not only their order
+    pairs = lambda qs, ps: sorted(zip(qs[:n].tolist(), ps[:n].tolist()))
+    assert pairs(other.column("qid").to_numpy(), other.column("pid").to_numpy()) != pairs(qid, pid)
     with pytest.raises(SystemExit, match="--negatives must be triples or hard"):
         mod.training_pairs(data, config.parse_cli(cfg, ["--negatives=dense"]))
