@@ -11,13 +11,14 @@ sequence. `--negatives=triples` uses the BM25 training triples (qidpidtriples) i
 
 Training batches are built from token ids (tokenized once per tokenizer); within a batch the queries, and the
 passages (positives and negatives together), are sorted by length and cut into chunks padded for real tokens
-(msmarco/batching.py), while the batch itself stays a random draw, so the in-batch negatives are as hard as with
-the stock collator. The loss is the stock MultipleNegativesRankingLoss. While training it reranks held-out
-dev-small queries' candidates ("dev-tune") and keeps the best checkpoint by MRR@10; the final figures come from
-queries that chose nothing: other dev-small queries ("dev-test", also dense retrieval over the data folder's
-whole collection, MRR@10 and Recall@k, before and after training) and TREC DL, beside the untrained model and the
-first stage's order (a BM25 run: --first_stage, or the data folder's runs/bm25). Expected at full scale (one GPU,
-distilbert-base-uncased, 10 epochs): about 0.338 MRR@10 retrieving from the full collection on dev-small.
+(msmarco/batching.py), while the batch itself stays a random draw, so the in-batch negatives are as hard as with the
+stock collator. The loss is the stock MultipleNegativesRankingLoss. While training it reranks held-out dev-small
+queries' candidates ("dev-tune") and keeps the best checkpoint by MRR@10; the final figures come from queries that
+chose nothing: other dev-small queries ("dev-test", also dense retrieval over the data folder's whole collection,
+MRR@10 and Recall@k, before and after training) and TREC DL, beside the untrained model and the first stage's order
+(a BM25 run: --first_stage, the data folder's runs/bm25, else msmarco/bm25.py's ranking of the official candidates).
+Expected at full scale (one GPU, distilbert-base-uncased, 10 epochs): about 0.338 MRR@10 retrieving from the full
+collection on dev-small.
 
 Commands:
     python train_bi-encoder-v2.py --sample             # bundled sample, offline base model, 2 CPU cores, < 5 min
@@ -86,9 +87,9 @@ class Config:
     weight_decay: float = 0.01  # AdamW weight decay
     pad_multiple: int = -1  # pad batch chunks to a multiple of this (-1: 8 on a GPU, bounded shapes; 1 on a CPU)
     chunk_cost: int = -1  # padded tokens that one more forward pass is worth when a batch is cut (-1: by device)
-    first_stage: str = ""  # TREC run (file, or folder of <split>.run) reranked; "": <data_dir>/runs/bm25, else files
+    first_stage: str = ""  # TREC run (file, or folder of <split>.run) reranked; "": <data_dir>/runs/bm25 or BM25
     eval_queries: int = 500  # dev-tune queries reranked during training; as many dev-test queries in the final report
-    eval_candidates: int = 100  # candidates per query from first_stage (0: all); candidate files: all (no ranking)
+    eval_candidates: int = 100  # candidates per query, the top of first_stage or else of BM25 (0: all)
     report_splits: tuple[str, ...] = ("dl2019", "dl2020")  # TREC DL years reranked in the final report
     retrieval_k: int = 100  # depth of dense retrieval over the collection (Recall@k)
     retrieval_eval: bool = True  # dense retrieval of the dev-test queries over the whole collection, before and after

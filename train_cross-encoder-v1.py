@@ -15,9 +15,9 @@ Training batches are built from token ids (tokenized once per tokenizer), groupe
 tokens (msmarco/batching.py); the loss is the stock BinaryCrossEntropyLoss. While training it reranks held-out
 dev-small queries ("dev-tune") and keeps the best checkpoint by MRR@10; the final figures come from queries that
 chose nothing: other dev-small queries ("dev-test") and TREC DL, each beside the first stage's own order (a BM25
-run: --first_stage, or the data folder's runs/bm25) and, on dev-tune, the untrained model. Expected at full scale
-(one GPU, ~20M pairs): the v1 models of this recipe reranked the dev-small BM25 top-1000 to 0.30-0.36 MRR@10
-(TinyBERT-L-2 to ELECTRA-base).
+run: --first_stage, the data folder's runs/bm25, else msmarco/bm25.py's ranking of the official candidates) and, on
+dev-tune, the untrained model. Expected at full scale (one GPU, ~20M pairs): the v1 models of this recipe reranked
+the dev-small BM25 top-1000 to 0.30-0.36 MRR@10 (TinyBERT-L-2 to ELECTRA-base).
 
 Commands:
     python train_cross-encoder-v1.py --sample          # bundled sample, offline base model, 2 CPU cores, < 5 min
@@ -78,9 +78,9 @@ class Config:
     pad_multiple: int = -1  # pad batch chunks to a multiple of this (-1: 8 on a GPU, bounded shapes; 1 on a CPU)
     chunk_cost: int = -1  # padded tokens that one more forward pass is worth when a batch is cut (-1: by device)
     length_window: int = 64  # batches sorted by length together before they are shuffled (1: random batches)
-    first_stage: str = ""  # TREC run (file, or folder of <split>.run) reranked; "": <data_dir>/runs/bm25, else files
+    first_stage: str = ""  # TREC run (file, or folder of <split>.run) reranked; "": <data_dir>/runs/bm25 or BM25
     eval_queries: int = 500  # dev-tune queries reranked during training; as many dev-test queries in the final report
-    eval_candidates: int = 100  # candidates per query from first_stage (0: all); candidate files: all (no ranking)
+    eval_candidates: int = 100  # candidates per query, the top of first_stage or else of BM25 (0: all)
     report_splits: tuple[str, ...] = ("dl2019", "dl2020")  # TREC DL years reranked in the final report
     eval_steps: int = 5000  # evaluate and save a checkpoint every this many steps
     logging_steps: int = 100  # log the training loss every this many steps

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import paths
+from . import bm25, paths
 from .errors import DataError
 from .formats import bad_line, iter_id_text, iter_lines, iter_qrels, read_qrels
 from .hard_negatives import HardNegatives, filter_negatives
@@ -113,6 +113,21 @@ class MSMarco:
         """qid -> BM25 top-1000 candidate pids of TREC DL `year`, in file order."""
         return self._once(("dl_cand", year), lambda: self._top1000(
             f"dl{year}.top1000", self.path(TREC_DL[year][2]), None))
+
+    def bm25_run(self, split: str) -> Path:
+        """A TREC run of BM25 over the official candidates of every judged query of `split` ("dev" or "dl<year>"),
+        whose files list them in no order (msmarco.bm25); built once per data folder."""
+        if split == "dev":
+            names, topics, candidates = ["queries.tar.gz", "qrels.dev.small.tsv", "top1000.dev.tar.gz"], \
+                (lambda: (self.queries("dev"), self.qrels("dev"))), self.dev_candidates
+        else:
+            year = int(split[2:])
+            names, topics, candidates = list(TREC_DL[year]), (lambda: self.trec_dl_topics(year)), \
+                (lambda: self.trec_dl_candidates(year))
+        sources = [self.path(n) for n in names] + [self.path("collection.tar.gz")]
+        folder = prepared(self.dir, f"bm25-{split}", sources,
+                          lambda d: bm25.write_run(d / f"{split}.run", *topics(), candidates(), self.collection()))
+        return folder / f"{split}.run"
 
     # --- training signals
     def hard_negatives(self) -> HardNegatives:

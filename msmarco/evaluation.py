@@ -60,7 +60,8 @@ BM25_RUNS = Path("runs") / "bm25"
 
 def first_stage_of(data_dir: Path, first_stage: str) -> str:
     """What a training script reranks: --first_stage if given, else the data folder's BM25 runs (<data_dir>/runs/bm25/
-    <split>.run, as evaluate.py reads them) where it has them, else "" (the official candidate files)."""
+    <split>.run, as evaluate.py reads them) where it has them, else "" (load_rerank_set ranks the official
+    candidate files by BM25 itself)."""
     if first_stage:
         return first_stage
     return str(Path(data_dir) / BM25_RUNS) if (Path(data_dir) / BM25_RUNS).is_dir() else ""
@@ -85,9 +86,10 @@ def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None
     see dev_part) or TREC DL ("dl2019", "dl2020").
 
     With `first_stage` (a TREC run file, or a folder of <split>.run files such as evaluate.py writes, e.g. a BM25 run)
-    the candidates are the run's top `max_candidates` in its order. Without it they are the split's official
-    candidate file (top1000.dev, the DL top-1000), all of them: those files list each query's candidates in no
-    particular order, so a prefix of them would be an arbitrary subset. `max_queries` takes a seeded random subset,
+    the candidates are the run's top `max_candidates` in its order. Without it they come from the split's official
+    candidate file (top1000.dev, the DL top-1000), which lists each query's candidates in no particular order: a
+    BM25 ranking of them (MSMarco.bm25_run) gives the top `max_candidates`, or they are all reranked
+    (`max_candidates` None). `max_queries` takes a seeded random subset,
     sorted by qid (the training scripts keep seed 0: runs of different seeds are compared on the same queries).
     A judged query without candidates stays, with none: it scores 0 for every system, as in the official MS MARCO
     evaluation and evaluate.py, so a first stage that misses queries does not flatter the figures."""
@@ -108,6 +110,9 @@ def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None
     if max_queries is not None and max_queries < len(qids):
         rng = np.random.default_rng(seed)
         qids = sorted(rng.choice(qids, size=max_queries, replace=False).tolist())
+    built = not first_stage and max_candidates is not None  # a prefix of a candidate file would be arbitrary
+    if built:
+        first_stage = str(data.bm25_run(base))
     if first_stage:
         path = paths.resolve_dir(first_stage)
         path = path / f"{base}.run" if path.is_dir() else path
@@ -119,7 +124,8 @@ def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None
             raise DataError(f"first-stage run {path} ranks none of the {len(qids)} judged {split} queries: give a "
                             f"run of the {base} queries")
         cands = {int(q): np.asarray(rank(docs, max_candidates), dtype=np.int64) for q, docs in run.items()}
-        source = f"{path} (top {max_candidates or 'all'}, in its order)"
+        source = (f"BM25 of the {base} candidate file (msmarco/bm25.py: {path}), top {max_candidates}" if built else
+                  f"{path} (top {max_candidates or 'all'}, in its order)")
     else:  # only now: with a run of one's own the official file is neither downloaded nor read
         cands = official()
         source = f"{base} candidate file, all of each query's candidates (file order is not a ranking)"
@@ -135,7 +141,8 @@ def evaluation_sets(data: "MSMarco", cfg) -> tuple[RerankSet, list[RerankSet]]:
     """The evaluation sets of a training script: `cfg.eval_queries` dev-tune queries, scored during training to
     choose the checkpoint; and the sets of the final report, which decide nothing: as many dev-test queries and
     every judged query of cfg.report_splits (TREC DL years; those missing from the bundled sample are skipped).
-    Candidates: the first stage's top cfg.eval_candidates (first_stage_of), or the official candidate files."""
+    Candidates: the first stage's top cfg.eval_candidates (first_stage_of; without one, BM25's over the official
+    candidate files), or all of them (eval_candidates 0)."""
     first_stage = first_stage_of(data.dir, cfg.first_stage)
 
     def load(split: str, max_queries: int | None) -> RerankSet:  # the same queries whatever the training seed

@@ -170,8 +170,11 @@ class TextStore:
         i = np.searchsorted(self.sorted_ids, id_)
         return bool(i < len(self.sorted_ids) and self.sorted_ids[i] == id_)
 
+    def bytes_at(self, row: int) -> bytes:
+        return bytes(self.text[self.offsets[row]:self.offsets[row + 1]])
+
     def text_at(self, row: int) -> str:
-        return bytes(self.text[self.offsets[row]:self.offsets[row + 1]]).decode("utf-8")
+        return self.bytes_at(row).decode("utf-8")
 
     def __getitem__(self, id_: int) -> str:
         return self.text_at(int(self.rows_of([id_])[0]))

@@ -1,0 +1,85 @@
+"""BM25 over the official candidate files (msmarco/bm25.py), which list each query's candidates in no order: the
+stemmer, the word matching, the score, and the run on the sample against Anserini's real BM25 runs."""
+import dataclasses
+import math
+import shutil
+from collections import Counter
+
+import pytest
+
+from conftest import SAMPLE
+from msmarco import bm25, metrics
+from msmarco.data import MSMarco
+from msmarco.evaluation import candidate_order_run, load_rerank_set
+
+
+@pytest.mark.parametrize("word, stem", [("dogs", "dog"), ("cities", "city"), ("boxes", "boxe"), ("glass", "glass"),
+                                        ("bus", "bus"), ("shoes", "shoes"), ("goes", "goes"), ("as", "as"),
+                                        ("cost", "cost"), ("days", "day"), ("keys", "key"), ("plays", "play")])
+def test_minimal_stem(word, stem):
+    assert bm25.minimal_stem(word) == stem
+
+
+def test_surface_forms_are_the_words_that_stem_to_a_query_term():
+    """The collection is matched by a dict of surface forms instead of stemming every word: the same matches."""
+    coll = MSMarco(SAMPLE).collection()
+    words = {w.decode() for row in range(0, len(coll), 7) for w in bm25.words(coll.bytes_at(row))
+             if w.decode("utf-8", "replace").encode() == w}
+    stems = {bm25.minimal_stem(w) for w in sorted(words)[::50]}
+    forms = bm25.surface_forms(stems)
+    assert len(words) > 10_000 and len(stems) > 200
+    for w in words:
+        assert (w.encode() in forms) == (bm25.minimal_stem(w) in stems), w
+        if w.encode() in forms:
+            assert forms[w.encode()] == bm25.minimal_stem(w)
+
+
+def test_score_by_hand():
+    df, n, mean = {"dog": 10, "walk": 100}, 1000, 8.0
+    query = bm25.query_terms("How to walk the dogs?")  # "how", "walk", "dog": "to" and "the" are stop words
+    assert query == Counter({"how": 1, "walk": 1, "dog": 1})
+    length, matched = bm25.doc_terms(b"The dog walks a dog, in the park.", bm25.surface_forms(query))
+    assert length == 4 and sorted(matched) == ["dog", "dog", "walk"]  # "the" twice, "a", "in" dropped; "park" no term
+    norm = 0.9 * (1 - 0.4 + 0.4 * 4 / mean)
+    idf = {t: math.log(1 + (n - d + 0.5) / (d + 0.5)) for t, d in df.items()}
+    expected = idf["dog"] * 2 / (2 + norm) + idf["walk"] * 1 / (1 + norm)
+    assert bm25.score(query, length, matched, {**df, "how": 5}, n, mean) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("split, depth, metric, least, anserini", [("dev", 20, "MRR@10", 0.28, 0.334),
+                                                                   ("dl2020", 100, "nDCG@10", 0.45, 0.480)])
+def test_the_sample_ranked_by_bm25_comes_close_to_anserini(copy, split, depth, metric, least, anserini):
+    """Every judged query with candidates is ranked, each with all its candidates; the order is a real BM25's: close
+    to Anserini's runs of the same candidates (0.295 and 0.476 against 0.334 and 0.480), far above the candidate
+    file's own order (0.127 and 0.164)."""
+    data = MSMarco(copy)
+    path = data.bm25_run(split)
+    run = metrics.read_trec_run(path)
+    cands = data.dev_candidates() if split == "dev" else data.trec_dl_candidates(2020)
+    qrels = data.qrels("dev") if split == "dev" else data.trec_dl_topics(2020)[1]
+    judged = {q for q, j in qrels.items() if any(g > 0 for g in j.values()) and q in cands}
+    assert {int(q) for q in run} == judged
+    for q in judged:
+        assert sorted(map(int, run[str(q)])) == sorted(cands[q].tolist())
+    rs = load_rerank_set(data, split, None, depth, str(path))
+    ours = metrics.evaluate_run(candidate_order_run(rs), rs.qrels, min_grade=rs.min_grade, recall_ks=())[metric]
+    assert least <= ours <= anserini + 0.02
+    built = path.stat().st_mtime_ns
+    assert MSMarco(copy).bm25_run(split) == path and path.stat().st_mtime_ns == built  # a store: built once
+
+
+def test_without_a_run_the_scripts_rerank_bm25s_top_of_the_candidate_files(copy):
+    """A data folder without runs/bm25 (the full downloads): the evaluation sets take BM25's top eval_candidates of
+    the official candidate files, not an arbitrary prefix of them; eval_candidates 0 keeps all, unranked."""
+    from test_scripts import tiny_config
+    shutil.rmtree(copy / "runs")
+    mod, cfg = tiny_config("train_cross-encoder-v1", copy / "out", f"--data_dir={copy}", "--eval_candidates=5",
+                           "--report_splits=dl2020")
+    tune, reports = mod.evaluation_sets(MSMarco(copy), cfg)
+    for rs in [tune, *reports]:
+        assert rs.ranked and "BM25 of the" in rs.first_stage and "top 5" in rs.first_stage
+        run = metrics.read_trec_run(MSMarco(copy).bm25_run(rs.name.split("-")[0]))
+        for q, pids in zip(rs.qids, rs.candidates):
+            assert [str(p) for p in pids] == metrics.rank(run[str(q)], 5)
+    every = mod.evaluation_sets(MSMarco(copy), dataclasses.replace(cfg, eval_candidates=0))[0]
+    assert not every.ranked and "all of each query's candidates" in every.first_stage
