@@ -19,5 +19,6 @@
     distributed.py   torchrun / accelerate launch: process group, main process first, work split across processes
     run.py           a script run's output folder: start or resume, metric history and plot, atomic save, report
     metrics.py       MRR@10, nDCG@10, recall exactly as trec_eval; TREC run files
+    bm25.py          a BM25 ranking of the official candidate files, which list each query's candidates in no order
     evaluation.py    reranking and dense-retrieval evaluation of models, and the evaluators the trainers call
 """
