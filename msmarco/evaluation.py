@@ -89,8 +89,8 @@ def load_rerank_set(data: "MSMarco", split: str = "dev", max_queries: int | None
     the candidates are the run's top `max_candidates` in its order. Without it they come from the split's official
     candidate file (top1000.dev, the DL top-1000), which lists each query's candidates in no particular order: a
     BM25 ranking of them (MSMarco.bm25_run) gives the top `max_candidates`, or they are all reranked
-    (`max_candidates` None). `max_queries` takes a seeded random subset,
-    sorted by qid (the training scripts keep seed 0: runs of different seeds are compared on the same queries).
+    (`max_candidates` None). `max_queries` takes a seeded random subset, sorted by qid (the training scripts keep
+    seed 0: runs of different seeds are compared on the same queries).
     A judged query without candidates stays, with none: it scores 0 for every system, as in the official MS MARCO
     evaluation and evaluate.py, so a first stage that misses queries does not flatter the figures."""
     base = split.split("-")[0]
