@@ -10,8 +10,8 @@ a little below Anserini's runs: dev MRR@10 0.295 against 0.334 (BM25's top 20 of
 collection, counted only for the terms of the split's judged queries; then each candidate is read once more. On one
 core: 42 s for 884k synthetic passages and 658k candidates (benchmarks/README.md), so about 5 minutes for dev-small
 and 2 for a TREC DL year at full size, once.
-MSMarco.bm25_run keeps the run as a store of the data folder, built once: `<data_dir>/.prepared/bm25-<split>/
-<split>.run`, a TREC run."""
+MSMarco.bm25_run keeps the run as a store of the data folder, built once per setting:
+`<data_dir>/.prepared/bm25-<split>-<setting>/<split>.run`, a TREC run."""
 from __future__ import annotations
 
 import math
@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from .metrics import write_trec_run
+from .stores import release_pages
 
 K1, B = 0.9, 0.4
 # Lucene's EnglishAnalyzer stop words (the ones Anserini drops by default)
@@ -27,6 +28,7 @@ STOP_WORDS = frozenset(b"a an and are as at be but by for if in into is it no no
                        b"there these they this to was will with".split())
 _PUNCTUATION = bytes.maketrans(string.punctuation.encode(), b" " * len(string.punctuation))
 TAG = "bm25-candidates"
+VERSION = 1  # of the ranking: part of its store's name, with K1 and B, so a change builds a new one
 
 
 def words(text: bytes) -> list[bytes]:
@@ -59,7 +61,8 @@ def surface_forms(stems) -> dict[bytes, str]:
     each, with no stemming of the collection's millions of distinct words (an S-stemmer only strips an s)."""
     forms = ((form, stem) for stem in stems
              for form in (stem, stem + "s", stem[:-1] + "ies" if stem[-1:] == "y" else ""))
-    return {form.encode(): stem for form, stem in forms if form and minimal_stem(form) == stem}
+    return {form.encode(): stem for form, stem in forms
+            if form and form.encode() not in STOP_WORDS and minimal_stem(form) == stem}  # its -> it, but not it
 
 
 def doc_terms(text: bytes, forms: dict[bytes, str]) -> tuple[int, list[str]]:
@@ -86,11 +89,16 @@ def write_run(path: Path, queries, qrels: dict[int, dict[int, int]], candidates,
         total += length
         for t in set(matched):
             df[t] += 1
+        if row % 100_000 == 99_999:  # the text read so far leaves the resident set (3 GB at full size otherwise)
+            release_pages(collection)
     n_docs, mean_len = len(collection), max(total / max(len(collection), 1), 1.0)
-    run = {}
-    for q in qids:
-        pids = candidates[q]
-        run[str(q)] = {str(p): score(bags[q], *doc_terms(collection.bytes_at(int(r)), forms), df, n_docs, mean_len)
-                       for p, r in zip(pids.tolist(), collection.rows_of(pids))}
-    write_trec_run(run, path, TAG)
-    return {"queries": len(run), "passages": n_docs, "mean_terms": round(mean_len, 2)}
+
+    def ranked():  # one query at a time: the whole dev run as Python dicts would take ~700 MB
+        for i, q in enumerate(qids):
+            pids = candidates[q]
+            yield str(q), {str(p): score(bags[q], *doc_terms(collection.bytes_at(int(r)), forms), df, n_docs, mean_len)
+                           for p, r in zip(pids.tolist(), collection.rows_of(pids))}
+            if i % 100 == 99:
+                release_pages(collection)
+    write_trec_run(ranked(), path, TAG)
+    return {"queries": len(qids), "passages": n_docs, "mean_terms": round(mean_len, 2)}

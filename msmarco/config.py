@@ -4,6 +4,7 @@ ends the script with a message that lists the valid options (exit code 1), befor
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import sys
 import types
@@ -111,6 +112,9 @@ def check(cfg, default) -> None:
         raise ValueError(f"--lr must be a positive number, not {cfg.lr}")
     if "dropout" in has and not (cfg.dropout == -1 or 0 <= cfg.dropout < 1):
         raise ValueError(f"--dropout must be in [0, 1), or -1 for the base model's own, not {cfg.dropout}")
+    if "report_to" in has and (need := {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(
+            cfg.report_to)) and not any(importlib.util.find_spec(m) for m in need):  # else the trainer fails late
+        raise ValueError(f"--report_to={cfg.report_to} needs the package {' or '.join(need)}: pip install {need[0]}")
     if "report_splits" in has and (bad := [s for s in cfg.report_splits if s not in REPORT_SPLITS]):
         raise ValueError(f"--report_splits takes TREC DL years among {', '.join(REPORT_SPLITS)}, not {bad}")
     if {"random_negatives", "neg_per_pos"} <= has and cfg.random_negatives > cfg.neg_per_pos:

@@ -125,7 +125,8 @@ class MSMarco:
             names, topics, candidates = list(TREC_DL[year]), (lambda: self.trec_dl_topics(year)), \
                 (lambda: self.trec_dl_candidates(year))
         sources = [self.path(n) for n in names] + [self.path("collection.tar.gz")]
-        folder = prepared(self.dir, f"bm25-{split}", sources,
+        key = f"bm25-{split}-" + params_key({"k1": bm25.K1, "b": bm25.B, "version": bm25.VERSION})
+        folder = prepared(self.dir, key, sources,
                           lambda d: bm25.write_run(d / f"{split}.run", *topics(), candidates(), self.collection()))
         return folder / f"{split}.run"
 

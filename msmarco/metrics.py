@@ -199,9 +199,10 @@ def read_trec_run(path, qids: Iterable[str] | None = None) -> Run:
     return run
 
 
-def write_trec_run(run: Run, path, tag: str, k: int | None = None) -> None:
+def write_trec_run(run: Run | Iterable[tuple[str, dict[str, float]]], path, tag: str, k: int | None = None) -> None:
     """Write ``run`` as ``qid Q0 pid rank score tag`` lines, ranks 1..n in ``rank()`` order.
 
+    ``run`` is a Run or (qid, docs) pairs, one query at a time (a generator keeps a large run out of memory).
     Queries keep the run's order; ``k`` keeps only the top k per query.  Scores are
     written with ``repr`` so that reading the file back gives the same floats.
     """
@@ -209,7 +210,7 @@ def write_trec_run(run: Run, path, tag: str, k: int | None = None) -> None:
         raise ValueError(f"run tag must be a non-empty string without whitespace: {tag!r}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for qid, docs in run.items():
+        for qid, docs in (run.items() if isinstance(run, dict) else run):
             for i, pid in enumerate(rank(docs, k), start=1):
                 f.write(f"{qid} Q0 {pid} {i} {float(docs[pid])!r} {tag}\n")
 

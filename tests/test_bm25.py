@@ -34,6 +34,14 @@ def test_surface_forms_are_the_words_that_stem_to_a_query_term():
             assert forms[w.encode()] == bm25.minimal_stem(w)
 
 
+def test_a_stop_word_is_never_a_match():
+    """Lucene drops stop words before stemming: "its" in a query stems to "it", which matches "its" in a passage
+    but not its stop word "it"."""
+    forms = bm25.surface_forms(bm25.query_terms("what is its purpose"))
+    assert b"its" in forms and b"it" not in forms
+    assert bm25.doc_terms(b"It is big. It was its own.", forms) == (3, ["it"])  # big, its, own
+
+
 def test_score_by_hand():
     df, n, mean = {"dog": 10, "walk": 100}, 1000, 8.0
     query = bm25.query_terms("How to walk the dogs?")  # "how", "walk", "dog": "to" and "the" are stop words

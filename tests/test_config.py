@@ -1,5 +1,6 @@
 """`--key=value` overrides of a config dataclass (msmarco/config.py): typed values, clear errors listing the options."""
 import dataclasses
+import importlib.util
 import re
 
 import pytest
@@ -112,6 +113,17 @@ def test_out_of_range_values_end_the_command_before_it_starts(script, argv, says
     for preset in ([], ["--sample"]):
         with pytest.raises(SystemExit, match=re.escape(says)):
             config.script_config(mod.Config(), mod.SAMPLE, preset + argv)
+
+
+def test_a_reporter_that_is_not_installed_ends_the_command_before_it_starts(monkeypatch):
+    """--report_to=wandb without wandb failed in the trainer's setup, after the folder's finished run was replaced."""
+    from test_scripts import load
+    mod = load("train_cross-encoder-v1")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit, match="--report_to=wandb needs the package wandb: pip install wandb"):
+        config.script_config(mod.Config(), mod.SAMPLE, ["--sample", "--report_to=wandb"])
+    config.script_config(mod.Config(), mod.SAMPLE, ["--sample", "--report_to=tensorboard"])  # tensorboardX: in dev
 
 
 @pytest.mark.parametrize("script, argv, says", [
