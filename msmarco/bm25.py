@@ -8,7 +8,7 @@ less Lucene's English stop words, plurals stemmed (Anserini stems with Porter's 
 a little below Anserini's runs: dev MRR@10 0.295 against 0.334 (BM25's top 20 of 100 queries), DL 2020 nDCG@10
 0.476 against 0.480 (top 100). Document frequencies and the mean document length come from one pass over the whole
 collection, counted only for the terms of the split's judged queries; then each candidate is read once more. On one
-core: 38 s for 884k synthetic passages and 658k candidates (benchmarks/README.md), so about 5 minutes for dev-small
+core: 46 s for 884k synthetic passages and 658k candidates (benchmarks/README.md), so about 5 minutes for dev-small
 and 2 for a TREC DL year at full size, once.
 MSMarco.bm25_run keeps the run as a store of the data folder, built once per setting:
 `<data_dir>/.prepared/bm25-<split>-<setting>/<split>.run`, a TREC run."""
