@@ -28,8 +28,8 @@ from msmarco import paths
 from msmarco.config import script_config
 from msmarco.data import MSMarco
 from msmarco.errors import user_errors
-from msmarco.evaluation import (BM25_RUNS, SPLIT_FILES, available, dev_part, encode_collection, search_embeddings,
-                                write_json_atomic)
+from msmarco.evaluation import (BM25_RUNS, SPLIT_FILES, available, dev_part, encode_collection, relevance_scores,
+                                search_embeddings, write_json_atomic)
 from msmarco.metrics import Qrels, StreamingMetrics, read_trec_run, rank, str_qrels
 from msmarco.models import no_cudnn_attention, resolve_model
 from msmarco.run import save_config
@@ -333,7 +333,7 @@ def _cross_encoder_ranked(model, split: BenchmarkSplit, cands: dict[int, np.ndar
         pairs = [(t, p) for q, t in group for p in collection.get_many(cands[q])]
         scores = model.predict(pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(),
                                show_progress_bar=False, convert_to_numpy=True)
-        scores = np.asarray(scores, dtype=np.float64).reshape(len(pairs), -1)[:, 0]
+        scores = relevance_scores(scores, len(pairs))
         j = 0
         for q, _ in group:
             pids = cands[q]
@@ -413,8 +413,11 @@ def main(cfg: Config) -> dict:
             results = _bi_encoder_splits(model, folder, data, splits, cfg, out, tag, parts)
         else:
             results, coll = {}, data.collection()
+            # every split's candidates before any scoring: a split without any (a --run_file of one split, a
+            # failed download) ends the command at once, not after hours of reranking the splits before it
+            found = {s.name: _candidate_lists(s, data.dir, cfg.run_file, cfg.depth) for s in splits}
             for s in splits:
-                cands, source, order = _candidate_lists(s, data.dir, cfg.run_file, cfg.depth)
+                cands, source, order = found.pop(s.name)
                 lists[s.name] = cands, order  # step 3's reference: a full-size run file is read once
                 missing = len(s.qids) - len(cands)
                 if missing:

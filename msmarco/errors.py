@@ -1,5 +1,5 @@
 """Errors a user can fix (a damaged or missing data file, a failed download, a bad option, an output folder holding a
-cut run of another config), each with a message that says what is wrong and what to do, and how a script ends on
+cut run of another config, a model that overflows in half precision), each with a message that says what is wrong and what to do, and how a script ends on
 one: the message and exit code 1, no traceback.
 Any other exception is a bug and keeps its traceback."""
 from __future__ import annotations
@@ -22,9 +22,13 @@ class OutputFolderError(RuntimeError):
     """An output folder holds a cut run that the command would not continue faithfully (another config)."""
 
 
+class ModelError(RuntimeError):
+    """A model whose output cannot rank: scores or embeddings that are not finite, a head of more than two labels."""
+
+
 # A bad --key=value already ends the script with its message (config.py).
 REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}  # OSErrors that name a folder to fix
-USER_ERRORS = (DataError, DownloadError, OutputFolderError)
+USER_ERRORS = (DataError, DownloadError, OutputFolderError, ModelError)
 
 
 @contextlib.contextmanager

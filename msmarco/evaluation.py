@@ -16,9 +16,10 @@ from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 from .distributed import all_gather, process_group, split_work
 from . import paths
 from .data import TREC_DL
-from .errors import DataError
+from .errors import DataError, ModelError
 from .metrics import Qrels, Run, evaluate_run, rank, read_trec_run, str_qrels
 from .models import autocast
+from .stores import release_pages
 
 if TYPE_CHECKING:
     from .data import MSMarco
@@ -157,6 +158,32 @@ def candidate_order_run(rs: RerankSet) -> Run:
     return {str(q): {str(p): -float(i) for i, p in enumerate(pids)} for q, pids in zip(rs.qids, rs.candidates)}
 
 
+def check_finite(x, what: str):
+    """x (scores, or embeddings a row each, as an array or tensor), or a ModelError if any of it is NaN or infinite:
+    torch.topk and sorting would put such scores first (or anywhere), and the metrics would come out as numbers with
+    no sign of it."""
+    import torch
+    finite = torch.isfinite(x).cpu().numpy() if isinstance(x, torch.Tensor) else np.isfinite(x)
+    finite = finite.reshape(len(finite), -1).all(axis=1) if finite.ndim > 1 else finite
+    total, ok = len(finite), int(finite.sum())
+    if ok < total:
+        raise ModelError(f"{total - ok} of {total} {what} are not finite (NaN or inf). In half precision some models "
+                         f"overflow: run evaluate.py with --half=false (a training script: --amp=false). If the "
+                         f"weights themselves are not finite, the training diverged: resume from an earlier "
+                         f"checkpoint with a smaller --lr")
+    return x
+
+
+def relevance_scores(logits, n: int) -> np.ndarray:
+    """A cross-encoder's raw outputs for n pairs as one relevance score each: its one logit, or for a two-label head
+    (monoBERT and other *ForSequenceClassification rerankers) the log-odds of label 1, relevant, over label 0."""
+    s = np.asarray(logits, dtype=np.float64).reshape(n, -1)
+    if s.shape[1] > 2:
+        raise ModelError(f"the cross-encoder has {s.shape[1]} output labels; a reranker has one relevance logit, or "
+                         f"two labels (not relevant, relevant)")
+    return check_finite(s[:, 0] if s.shape[1] == 1 else s[:, 1] - s[:, 0], "cross-encoder scores")
+
+
 def cross_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
     """Score every (query, candidate) pair with a CrossEncoder, as raw fp32 logits (a sigmoid, or bf16's three
     significant digits, would tie close candidates and blur the metrics)."""
@@ -166,7 +193,7 @@ def cross_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
         return _split_scores(rs, np.zeros(0))
     scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
                            activation_fn=torch.nn.Identity())
-    return _split_scores(rs, np.asarray(scores, dtype=np.float64).reshape(len(pairs), -1)[:, 0])
+    return _split_scores(rs, relevance_scores(scores, len(pairs)))
 
 
 def bi_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
@@ -178,7 +205,7 @@ def bi_encoder_run(model, rs: RerankSet, batch_size: int = 64) -> Run:
     p_emb = model.encode_document(flat, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
     owner = np.repeat(np.arange(len(rs.qids)), [len(c) for c in rs.candidates])
     sims = model.similarity_pairwise(q_emb[owner], p_emb).float().cpu().numpy()
-    return _split_scores(rs, sims.astype(np.float64))
+    return _split_scores(rs, check_finite(sims.astype(np.float64), "bi-encoder similarities"))
 
 
 def _split_scores(rs: RerankSet, scores: np.ndarray) -> Run:
@@ -258,17 +285,19 @@ def dense_retrieval_run(model, queries: list[str], qids: list[int], collection: 
             raise ValueError("rows= is for the uncached search; the embedding cache covers the whole collection")
         emb = encode_collection(model, collection, cache_dir, batch_size=batch_size, chunk=chunk)
         q = model.encode_query(queries, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
-        scores, rows = search_embeddings(model, q, emb, k)
+        scores, rows = search_embeddings(model, check_finite(q, "query embeddings"), emb, k)
         pids = np.asarray(collection.ids)[rows]
         return {str(qid): {str(p): float(v) for p, v in zip(pids[j], scores[j])} for j, qid in enumerate(qids)}
-    q = model.encode_query(queries, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    q = check_finite(model.encode_query(queries, batch_size=batch_size, convert_to_tensor=True,
+                                        show_progress_bar=False), "query embeddings")
     best_s = torch.full((len(queries), k), -torch.inf, device=q.device)
     best_i = torch.zeros((len(queries), k), dtype=torch.long, device=q.device)
     rows = range(len(collection)) if rows is None else rows
     for lo in range(rows.start, rows.stop, chunk):
         part = range(lo, min(lo + chunk, rows.stop))
-        p = model.encode_document([collection.text_at(r) for r in part], batch_size=batch_size,
-                                  convert_to_tensor=True, show_progress_bar=len(rows) > chunk)
+        p = check_finite(model.encode_document([collection.text_at(r) for r in part], batch_size=batch_size,
+                                               convert_to_tensor=True, show_progress_bar=len(rows) > chunk),
+                         "passage embeddings")
         with torch.autocast(q.device.type, enabled=False):  # scores in fp32: bf16's 3 digits tie the top ranks
             s = model.similarity(q.float(), p.float())
         s, i = torch.cat([best_s, s], 1), torch.cat([best_i, torch.arange(lo, lo + len(part), device=q.device)
@@ -377,8 +406,9 @@ def encode_collection(model, collection: "TextStore", cache_dir, batch_size: int
                 hi = min(lo + chunk, n)
                 emb = model.encode_document([collection.text_at(r) for r in range(lo, hi)], batch_size=batch_size,
                                             convert_to_numpy=True, show_progress_bar=False)
-                mm[lo:hi] = np.asarray(emb, dtype=np.float32).astype(np.float16)
+                mm[lo:hi] = check_finite(np.asarray(emb, dtype=np.float32).astype(np.float16), "passage embeddings")
                 mm.flush()
+                release_pages(mm)  # written: out of the resident set (13 GB at full size for 768 dimensions)
                 write_json_atomic(done_path, {"done_rows": hi})
                 bar.update(hi - lo)
         del mm
@@ -414,4 +444,6 @@ def search_embeddings(model, queries, embeddings: np.ndarray, k: int, chunk: int
             best_s[a:b], pos = s.topk(k, dim=1)
             best_i[a:b] = i.gather(1, pos)
         del p
+        if isinstance(embeddings, np.memmap):
+            release_pages(embeddings)  # read: out of the resident set, as in encode_collection
     return best_s.cpu().numpy(), best_i.cpu().numpy()

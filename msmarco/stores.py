@@ -253,12 +253,13 @@ class GroupedWriter:
 
 
 def release_pages(*stores) -> None:
-    """Drop the pages of the stores' memory-mapped arrays from this process's resident set (they stay in the page
-    cache and come back on the next read). A one-pass scan of the hard-negative and score stores (2.4 GB of
-    files at full size) otherwise keeps every page it touched resident until the end."""
+    """Drop the pages of the stores' memory-mapped arrays (or of memory-mapped arrays given as such) from this
+    process's resident set (they stay in the page cache and come back on the next read). A one-pass scan of the
+    hard-negative and score stores (2.4 GB of files at full size) otherwise keeps every page it touched resident
+    until the end."""
     import mmap
     for store in stores:
-        for arr in vars(store).values():
+        for arr in [store] if isinstance(store, np.memmap) else vars(store).values():
             m = getattr(arr, "_mmap", None)
             if isinstance(arr, np.memmap) and m is not None and hasattr(m, "madvise"):
                 m.madvise(mmap.MADV_DONTNEED)

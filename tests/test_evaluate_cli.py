@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import evaluate
-from msmarco import config, evaluation, metrics, paths
+from msmarco import config, errors, evaluation, metrics, paths
+from msmarco.errors import ModelError
 from msmarco.models import offline_base_model
 from msmarco.data import MSMarco
 
@@ -466,3 +467,63 @@ def test_a_hub_model_is_labelled_by_its_name_not_its_revision(tmp_path):
     again = snap.parent / ("d" * 40)
     assert evaluate.cache_label(snap) == evaluate.cache_label(again) == "cross-encoder--ms-marco-MiniLM-L6-v2"
     assert evaluate.cache_label(other) == "sentence-transformers--msmarco-MiniLM-L6-cos-v5"
+
+
+def test_a_split_without_candidates_stops_the_command_before_any_scoring(models, tmp_path, monkeypatch):
+    """A --run_file that ranks only dev, with the default splits: the error comes before dev is reranked (at full
+    size hours of work), and no metrics are written."""
+    def scored(*a, **kw):
+        raise AssertionError("a split was scored before every split's candidates were found")
+    monkeypatch.setattr(evaluate, "_cross_encoder_ranked", scored)
+    with pytest.raises(SystemExit, match="ranks none of the .* judged queries of split dl2020"):
+        evaluate.main(_cfg(models["ce"], tmp_path, depth=20, run_file=str(SAMPLE / "runs" / "bm25" / "dev.run")))
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_two_label_head_ranks_by_relevant_over_not_relevant(models):
+    """monoBERT-style rerankers (two labels, 1 = relevant) rank by logit 1 - logit 0, not by "not relevant"; a
+    head of three labels is no reranker."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    assert evaluation.relevance_scores([[0.1, 2.0], [1.0, -1.0]], 2).tolist() == pytest.approx([1.9, -2.0])
+    assert evaluation.relevance_scores([[0.5], [-0.5]], 2).tolist() == [0.5, -0.5]
+    with pytest.raises(ModelError, match="3 output labels"):
+        evaluation.relevance_scores(np.zeros((2, 3)), 2)
+    torch.manual_seed(0)
+    two = CrossEncoder(offline_base_model(), num_labels=2, device="cpu", max_length=32)
+    _one_layer(two.model.base_model)
+    rs = evaluation.load_rerank_set(MSMarco(SAMPLE), "dev", 3, 5)
+    run = evaluation.cross_encoder_run(two, rs)
+    pairs = [(q, p) for q, ps in zip(rs.queries, rs.passages) for p in ps]
+    logits = two.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_numpy=True)
+    assert [s for q in run.values() for s in q.values()] == pytest.approx((logits[:, 1] - logits[:, 0]).tolist(),
+                                                                          abs=1e-5)
+
+
+class _NanModel:
+    """A bi-encoder whose half-precision forward overflowed on some passages (NaN rows), as T5-based models do."""
+    def __init__(self, bad_rows):
+        self.bad_rows, self.seen = set(bad_rows), 0
+
+    def get_embedding_dimension(self):
+        return 4
+
+    def encode_document(self, texts, **kw):
+        emb = np.ones((len(texts), 4), np.float32)
+        for i in range(len(texts)):
+            if self.seen + i in self.bad_rows:
+                emb[i] = np.nan
+        self.seen += len(texts)
+        return emb
+
+
+def test_non_finite_embeddings_or_scores_stop_with_what_to_do(tmp_path):
+    """NaN would rank first in torch.topk and give metrics with no sign of it: a ModelError names --half=false, and
+    the embedding cache keeps only the finite chunks before it."""
+    coll = _Head(MSMarco(SAMPLE).collection(), 300)
+    with pytest.raises(ModelError, match=r"1 of 64 passage embeddings are not finite.*--half=false"):
+        evaluation.encode_collection(_NanModel({150}), coll, tmp_path / "cache", chunk=64, progress=False)
+    assert json.loads((tmp_path / "cache" / "done.json").read_text()) == {"done_rows": 128}
+    with pytest.raises(ModelError, match="cross-encoder scores are not finite"):
+        evaluation.relevance_scores([[0.5], [np.nan]], 2)
+    assert ModelError in errors.USER_ERRORS  # a script ends on it with the message and exit code 1
