@@ -16,8 +16,9 @@ tokens (msmarco/batching.py); the loss is the stock BinaryCrossEntropyLoss. Whil
 dev-small queries ("dev-tune") and keeps the best checkpoint by MRR@10; the final figures come from queries that
 chose nothing: other dev-small queries ("dev-test") and TREC DL, each beside the first stage's own order (a BM25
 run: --first_stage, the data folder's runs/bm25, else msmarco/bm25.py's ranking of the official candidates) and, on
-dev-tune, the untrained model. Expected at full scale (one GPU, ~20M pairs): the v1 models of this recipe reranked
-the dev-small BM25 top-1000 to 0.30-0.36 MRR@10 (TinyBERT-L-2 to ELECTRA-base).
+dev-tune, the untrained model. Expected at full scale (one GPU, ~20M pairs, distilroberta-base as in the published
+recipe): the v1 models of this recipe reranked the dev-small BM25 top-1000 to 0.30-0.36 MRR@10 (TinyBERT-L-2 to
+ELECTRA-base).
 
 Commands:
     python train_cross-encoder-v1.py --sample          # bundled sample, offline base model, 2 CPU cores, < 5 min
@@ -56,8 +57,8 @@ from msmarco.sampling import SamplerEpoch, length_grouped_batches
 class Config:
     sample: bool = False  # run on data/sample with the offline base model and a CPU budget (see SAMPLE)
     data_dir: str = "data"  # MS MARCO folder, relative to the repository; missing files are downloaded into it
-    model_name: str = "microsoft/MiniLM-L12-H384-uncased"  # encoder to start from: hub name, folder or offline:<name>
-    pooling: str = "cls"  # head input: cls ([CLS] + pooler, as BertForSequenceClassification) or mean (token states)
+    model_name: str = "distilroberta-base"  # encoder to start from (the recipe's): hub name, folder or offline:<name>
+    pooling: str = "cls"  # head input: cls (the model's own classification head, on [CLS] / <s>) or mean (token states)
     attn_implementation: str = "sdpa"  # attention kernels: sdpa, eager, or flash_attention_2 (GPU, if installed)
     compile_mode: str = ""  # torch.compile training: "" (off), default, reduce-overhead (CUDA graphs), max-autotune
     dropout: float = -1.0  # dropout probability of every layer while training (-1: the base model's own, 0.1 for BERT)
