@@ -18,7 +18,8 @@ chose nothing: other dev-small queries ("dev-test", also dense retrieval over th
 MRR@10 and Recall@k, before and after training) and TREC DL, beside the untrained model and the first stage's order
 (a BM25 run: --first_stage, the data folder's runs/bm25, else msmarco/bm25.py's ranking of the official candidates).
 Expected at full scale (one GPU, distilbert-base-uncased, 10 epochs): about 0.338 MRR@10 retrieving from the full
-collection on dev-small.
+collection on dev-small: `python evaluate.py --model=output/train_bi-encoder-v2/model` measures that (all 6,980
+queries); the script's own results.json reports --eval_queries of them.
 
 Commands:
     python train_bi-encoder-v2.py --sample             # bundled sample, offline base model, 2 CPU cores, < 5 min

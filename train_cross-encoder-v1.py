@@ -18,7 +18,8 @@ chose nothing: other dev-small queries ("dev-test") and TREC DL, each beside the
 run: --first_stage, the data folder's runs/bm25, else msmarco/bm25.py's ranking of the official candidates) and, on
 dev-tune, the untrained model. Expected at full scale (one GPU, ~20M pairs, distilroberta-base as in the published
 recipe): the v1 models of this recipe reranked the dev-small BM25 top-1000 to 0.30-0.36 MRR@10 (TinyBERT-L-2 to
-ELECTRA-base).
+ELECTRA-base). `python evaluate.py --model=output/train_cross-encoder-v1/model` measures that (all 6,980 queries, all
+their candidates); the script's own results.json reranks BM25's top --eval_candidates of --eval_queries of them.
 
 Commands:
     python train_cross-encoder-v1.py --sample          # bundled sample, offline base model, 2 CPU cores, < 5 min

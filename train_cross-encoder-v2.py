@@ -14,8 +14,10 @@ chose nothing: other dev-small queries ("dev-test") and TREC DL, each beside the
 run: --first_stage, the data folder's runs/bm25, else msmarco/bm25.py's ranking of the official candidates). It also
 reports how closely the student tracks the teacher (Pearson and Spearman correlation on teacher lines of held-out
 training queries). Expected at full scale (one GPU, MiniLM-L12, one epoch): about 0.39 MRR@10 reranking the
-dev-small BM25 top-1000, the published result of this family, at 18x the speed of the teacher models. In data/sample
-the "teacher" scores are all-MiniLM-L6-v2 cosine x 20, not the BERT-CAT ensemble (see data/sample/README.md).
+dev-small BM25 top-1000, the published result of this family, at 18x the speed of the teacher models (`python
+evaluate.py --model=output/train_cross-encoder-v2/model` measures that; the script's own results.json reranks BM25's
+top --eval_candidates of --eval_queries dev queries). In data/sample the "teacher" scores are all-MiniLM-L6-v2
+cosine x 20, not the BERT-CAT ensemble (see data/sample/README.md).
 
 Commands:
     python train_cross-encoder-v2.py --sample          # bundled sample, offline base model, 2 CPU cores, < 5 min
