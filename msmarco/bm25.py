@@ -36,8 +36,8 @@ STOP_WORDS = frozenset(b"a an and are as at be but by for if in into is it no no
 def _class(*categories: str) -> str:
     """A regular-expression character class of the Basic Multilingual Plane's characters in the Unicode categories
     (or their first letters: "L" is every letter), less Han ideographs, hiragana and the zero-width space (which
-    break words where other format characters do not): one class, so that a run of
-    them is matched as fast as ASCII's [a-z]+ (Python's re has no \\p{...}; built once at import, ~20 ms)."""
+    breaks words where other format characters do not): one class, so that a run of them is matched as fast as
+    ASCII's [a-z]+ (Python's re has no \\p{...}; built once at import, ~20 ms)."""
     spans, start = [], None
     for c in range(0x10001):
         cat = unicodedata.category(chr(c)) if c < 0x10000 else ""
@@ -51,15 +51,15 @@ def _class(*categories: str) -> str:
 
 
 # Lucene's StandardTokenizer (Unicode word boundaries, UAX #29), for what MS MARCO holds. A word is a run of
-# letters, combining marks, format characters, decimal digits and _ (not fractions or superscripts: 2½ -> 2, km² ->
-# km), joined across
-# . ' and its curly form between two letters or two digits (don't, u.s, 3.5), : and the middle dot between letters,
-# , and ; between digits (70,000). Each Han ideograph and hiragana is a word of its own, and so are © ® ™.
+# letters, combining marks, format characters, decimal digits and _ (not fractions or superscripts: 2½ -> 2,
+# km² -> km), joined across . ' and its curly form between two letters or two digits (don't, u.s, 3.5), : and the
+# middle dot between letters, , and ; between digits (70,000). Each Han ideograph and hiragana is a word of its own,
+# and so are © ® ™.
 _SINGLE = re.compile("[\u3040-\u309f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u00a9\u00ae\u2122]")
 _LETTER, _ALNUM = _class("L", "M", "Cf"), _class("L", "M", "Cf", "Nd", "Nl", "Pc")  # Cf: a format character
 _START = _class("L", "Nd", "Nl", "Pc")  # a mark or format character after a break belongs to no word
-_WORD = re.compile(f"{_START}{_ALNUM}*(?:(?:(?<={_LETTER})[.'\u2019:\u00b7](?={_LETTER})|(?<=\\d)[.'\u2019,;](?=\\d)){_ALNUM}+)*"
-                   f"|{_SINGLE.pattern}")
+_JOIN = f"(?<={_LETTER})[.'\u2019:\u00b7](?={_LETTER})|(?<=\\d)[.'\u2019,;](?=\\d)"
+_WORD = re.compile(f"{_START}{_ALNUM}*(?:(?:{_JOIN}){_ALNUM}+)*|{_SINGLE.pattern}")
 _POSSESSIVE = ("'s", "\u2019s", "\uff07s")  # what EnglishPossessiveFilter strips from a word's end
 _JOINERS = b".':,;"  # the ASCII characters that can join two runs into one word
 _BREAKS = bytes(c for c in string.punctuation.encode() if c not in _JOINERS + b"_")  # all other ASCII punctuation

@@ -1,6 +1,6 @@
 """Errors a user can fix (a damaged or missing data file, a failed download, a bad option, an output folder holding a
-cut run of another config, a model that overflows in half precision), each with a message that says what is wrong and what to do, and how a script ends on
-one: the message and exit code 1, no traceback.
+cut run of another config, a model that overflows in half precision), each with a message that says what is wrong
+and what to do, and how a script ends on one: the message and exit code 1, no traceback.
 Any other exception is a bug and keeps its traceback."""
 from __future__ import annotations
 

@@ -98,7 +98,8 @@ def lucene_scores(split: str) -> dict[str, dict[str, float]]:
     return run
 
 
-@pytest.mark.parametrize("split, depth, metric, anserini", [("dev", 20, "MRR@10", 0.334), ("dl2020", 100, "nDCG@10", 0.480)])
+@pytest.mark.parametrize("split, depth, metric, anserini", [("dev", 20, "MRR@10", 0.334),
+                                                            ("dl2020", 100, "nDCG@10", 0.480)])
 def test_the_sample_ranked_by_bm25_is_lucenes_ranking(copy, split, depth, metric, anserini):
     """Every judged query with candidates is ranked, each with all its candidates, as Lucene ranks them: the same
     scores (Lucene adds in float32) and the same top 10 for every query. Anserini's runs of the same candidates

@@ -104,15 +104,23 @@ def test_launcher_lines_parse_with_the_launchers_own_parsers():
         config.script_config(mod.Config(), mod.SAMPLE, list(argv[argv.index(script) + 1:]))  # its fields parse
 
 
+@pytest.fixture(scope="module")
+def helps():
+    """The three `--help` commands at once (each is mostly imports, on one core)."""
+    procs = {s: subprocess.Popen([sys.executable, s, "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for s in SCRIPTS[:3]}
+    return {s: (p, *p.communicate(timeout=300)) for s, p in procs.items()}
+
+
 @pytest.mark.parametrize("script", SCRIPTS[:3])
-def test_help_lists_every_field_and_exits_0(script):
+def test_help_lists_every_field_and_exits_0(script, helps):
     assert ("python", script, "--help") in readme_commands()
-    proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc, stdout, stderr = helps[script]
+    assert proc.returncode == 0, stderr[-2000:]
     mod = load(script[:-3])
     fields = [f.name for f in dataclasses.fields(mod.Config)]
     for name in fields:
-        assert f"--{name}" in proc.stdout + proc.stderr, name
+        assert f"--{name}" in stdout + stderr, name
 
 
 TRAINING = sorted({c for c in readme_commands() if kind(c) == "training" and len(c) > 2})
