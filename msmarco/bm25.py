@@ -11,8 +11,8 @@ for every query (tests/test_bm25.py, against tests/data/lucene-bm25-sample.tsv f
 MRR@10 0.307 against Anserini's run's 0.334 (BM25's top 20 of 100 queries), DL 2020 nDCG@10 0.480 against 0.480
 (top 100); Anserini counts over the whole 8.8M passages and stems with Porter. Document frequencies and the mean
 document length come from one pass over the whole collection, counted only for the terms of the split's judged
-queries; then each candidate is read once more. On one core: 46 s for 884k synthetic passages and 658k candidates
-(benchmarks/README.md), so about 5 minutes for dev-small and 2 for a TREC DL year at full size, once.
+queries; then each candidate is read once more. On one core: 55 s for 884k synthetic passages and 658k candidates
+(benchmarks/README.md), so about 7 minutes for dev-small and 3 for a TREC DL year at full size, once.
 MSMarco.bm25_run keeps the run as a store of the data folder, built once per setting:
 `<data_dir>/.prepared/bm25-<split>-<setting>/<split>.run`, a TREC run."""
 from __future__ import annotations
