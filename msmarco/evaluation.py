@@ -163,8 +163,11 @@ def check_finite(x, what: str):
     torch.topk and sorting would put such scores first (or anywhere), and the metrics would come out as numbers with
     no sign of it."""
     import torch
-    finite = torch.isfinite(x).cpu().numpy() if isinstance(x, torch.Tensor) else np.isfinite(x)
-    finite = finite.reshape(len(finite), -1).all(axis=1) if finite.ndim > 1 else finite
+    if isinstance(x, torch.Tensor):  # reduced on its device: one flag a row crosses to the host
+        finite = (torch.isfinite(x).reshape(len(x), -1).all(dim=1) if x.dim() > 1 else torch.isfinite(x)).cpu().numpy()
+    else:
+        finite = np.isfinite(x)
+        finite = finite.reshape(len(finite), -1).all(axis=1) if finite.ndim > 1 else finite
     total, ok = len(finite), int(finite.sum())
     if ok < total:
         raise ModelError(f"{total - ok} of {total} {what} are not finite (NaN or inf). In half precision some models "
