@@ -17,6 +17,7 @@ MSMarco.bm25_run keeps the run as a store of the data folder, built once per set
 `<data_dir>/.prepared/bm25-<split>-<setting>/<split>.run`, a TREC run."""
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
@@ -37,7 +38,7 @@ def _class(*categories: str) -> str:
     """A regular-expression character class of the Basic Multilingual Plane's characters in the Unicode categories
     (or their first letters: "L" is every letter), less Han ideographs, hiragana and the zero-width space (which
     breaks words where other format characters do not): one class, so that a run of them is matched as fast as
-    ASCII's [a-z]+ (Python's re has no \\p{...}; built once at import, ~20 ms)."""
+    ASCII's [a-z]+ (Python's re has no \\p{...})."""
     spans, start = [], None
     for c in range(0x10001):
         cat = unicodedata.category(chr(c)) if c < 0x10000 else ""
@@ -56,10 +57,15 @@ def _class(*categories: str) -> str:
 # middle dot between letters, , and ; between digits (70,000). Each Han ideograph and hiragana is a word of its own,
 # and so are © ® ™.
 _SINGLE = re.compile("[\u3040-\u309f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u00a9\u00ae\u2122]")
-_LETTER, _ALNUM = _class("L", "M", "Cf"), _class("L", "M", "Cf", "Nd", "Nl", "Pc")  # Cf: a format character
-_START = _class("L", "Nd", "Nl", "Pc")  # a mark or format character after a break belongs to no word
-_JOIN = f"(?<={_LETTER})[.'\u2019:\u00b7](?={_LETTER})|(?<=\\d)[.'\u2019,;](?=\\d)"
-_WORD = re.compile(f"{_START}{_ALNUM}*(?:(?:{_JOIN}){_ALNUM}+)*|{_SINGLE.pattern}")
+
+
+@functools.cache
+def _word() -> re.Pattern:
+    """The word pattern, built on first use (its classes take ~0.1 s: not at every script's import)."""
+    letter, alnum = _class("L", "M", "Cf"), _class("L", "M", "Cf", "Nd", "Nl", "Pc")  # Cf: a format character
+    start = _class("L", "Nd", "Nl", "Pc")  # a mark or format character after a break belongs to no word
+    join = f"(?<={letter})[.'\u2019:\u00b7](?={letter})|(?<=\\d)[.'\u2019,;](?=\\d)"
+    return re.compile(f"{start}{alnum}*(?:(?:{join}){alnum}+)*|{_SINGLE.pattern}")
 _POSSESSIVE = ("'s", "\u2019s", "\uff07s")  # what EnglishPossessiveFilter strips from a word's end
 _JOINERS = b".':,;"  # the ASCII characters that can join two runs into one word
 _BREAKS = bytes(c for c in string.punctuation.encode() if c not in _JOINERS + b"_")  # all other ASCII punctuation
@@ -71,7 +77,7 @@ VERSION = 2  # of the ranking: part of its store's name, with K1 and B, so a cha
 def unicode_words(text: str) -> list[str]:
     """Lucene's analysis before its stop words and stemmer: StandardTokenizer's words, less a possessive 's
     (EnglishPossessiveFilter), lowercased (LowerCaseFilter)."""
-    return [w[:-2] if w.endswith(_POSSESSIVE) else w for w in _WORD.findall(text.lower()) if w.strip("_")]
+    return [w[:-2] if w.endswith(_POSSESSIVE) else w for w in _word().findall(text.lower()) if w.strip("_")]
 
 
 def words(text: bytes) -> list[bytes]:
