@@ -9,7 +9,9 @@ Outputs: output/evaluate/<model name>/ (<split>.run TREC runs, metrics.json, con
 A bi-encoder's collection embeddings are cached (fp16, memory-mapped, resumable) under
 <data_dir>/.prepared/embeddings/<model name>-<fingerprint>/, so a second evaluation of the same model encodes nothing;
 one cache per model name (a retrained model replaces its predecessor's).
-The metrics (msmarco/metrics.py) reproduce trec_eval / ir-measures exactly.
+A cross-encoder with two labels (monoBERT's kind) ranks by logit 1 minus logit 0; a NaN or infinite score or
+embedding (fp16 overflow) stops the command and names --half=false.
+The metrics (msmarco/metrics.py) reproduce trec_eval / ir-measures exactly (TREC DL: trec_eval -l 2).
 """
 from __future__ import annotations
 
