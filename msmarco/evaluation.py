@@ -387,16 +387,34 @@ def encode_collection(model, collection: "TextStore", cache_dir, batch_size: int
     interrupted encoding resumes at the first unfinished chunk and a complete cache is reused as it is. Memory
     holds one chunk of embeddings (8.8M x 768 at full scale is 13.6 GB on disk, none of it in RAM)."""
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     n = len(collection)
     dim = model.get_embedding_dimension()
     want = {"rows": n, "dim": dim, "dtype": "float16"}
+    mat_path = cache_dir / "embeddings.f16"
+    if _cached_rows(cache_dir, want) < n:  # a complete cache is read without the lock (a read-only data folder)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with paths.file_lock(cache_dir / "encode.lock"):  # a second evaluation of the model waits, then reuses it
+            _fill_cache(model, collection, cache_dir, want, batch_size, chunk, progress)
+    if n == 0:
+        return np.zeros((0, dim), np.float16)
+    return np.memmap(mat_path, dtype=np.float16, mode="r", shape=(n, dim))
+
+
+def _cached_rows(cache_dir: Path, want: dict) -> int:
+    """How many leading rows of the cache in `cache_dir` are encoded: 0 for none, or one of another shape."""
     meta_path, done_path, mat_path = cache_dir / "meta.json", cache_dir / "done.json", cache_dir / "embeddings.f16"
-    done = 0
     if meta_path.exists() and json.loads(meta_path.read_text()) == want and mat_path.exists() \
-            and mat_path.stat().st_size == n * dim * 2 and done_path.exists():
-        done = min(int(json.loads(done_path.read_text())["done_rows"]), n)
-    else:  # a new cache, or one of another shape: start over
+            and mat_path.stat().st_size == want["rows"] * want["dim"] * 2 and done_path.exists():
+        return min(int(json.loads(done_path.read_text())["done_rows"]), want["rows"])
+    return 0
+
+
+def _fill_cache(model, collection: "TextStore", cache_dir: Path, want: dict, batch_size: int, chunk: int,
+                progress: bool) -> None:
+    meta_path, done_path, mat_path = cache_dir / "meta.json", cache_dir / "done.json", cache_dir / "embeddings.f16"
+    n, dim = want["rows"], want["dim"]
+    done = _cached_rows(cache_dir, want)
+    if done == 0:  # a new cache, or one of another shape: start over
         for p in (done_path, mat_path):
             p.unlink(missing_ok=True)
         write_json_atomic(meta_path, want)
@@ -415,9 +433,6 @@ def encode_collection(model, collection: "TextStore", cache_dir, batch_size: int
                 write_json_atomic(done_path, {"done_rows": hi})
                 bar.update(hi - lo)
         del mm
-    if n == 0:
-        return np.zeros((0, dim), np.float16)
-    return np.memmap(mat_path, dtype=np.float16, mode="r", shape=(n, dim))
 
 
 def search_embeddings(model, queries, embeddings: np.ndarray, k: int, chunk: int | None = None,

@@ -3,9 +3,11 @@ the resumable embedding cache, and the README's "use a trained model" snippet.
 
 The models are the offline base model cut to one transformer layer (fast on 2 CPU cores); the collection is
 encoded once per session (the cache is removed at the end)."""
+import concurrent.futures
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import ir_measures
@@ -527,3 +529,24 @@ def test_non_finite_embeddings_or_scores_stop_with_what_to_do(tmp_path):
     with pytest.raises(ModelError, match="cross-encoder scores are not finite"):
         evaluation.relevance_scores([[0.5], [np.nan]], 2)
     assert ModelError in errors.USER_ERRORS  # a script ends on it with the message and exit code 1
+
+
+class _SlowModel(_NanModel):
+    """Finite embeddings, slowly: a second encoding that does not wait for the first would overlap it."""
+
+    def encode_document(self, texts, **kw):
+        time.sleep(0.05)
+        return super().encode_document(texts, **kw) * (1 + np.arange(len(texts), dtype=np.float32)[:, None])
+
+
+def test_two_evaluations_of_one_model_encode_its_collection_once(tmp_path):
+    """Two evaluations at once (two terminals, two splits) share the embedding cache: the second waits for the
+    first's lock and reuses what it wrote instead of starting the file over under it."""
+    coll = _Head(MSMarco(SAMPLE).collection(), 300)
+    models = [_SlowModel(()), _SlowModel(())]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # flock excludes two open()s of a process, as two processes
+        out = list(pool.map(lambda m: np.array(evaluation.encode_collection(m, coll, tmp_path / "cache", chunk=64,
+                                                                            progress=False)), models))
+    assert sorted(m.seen for m in models) == [0, 300]
+    np.testing.assert_array_equal(out[0], out[1])
+    assert json.loads((tmp_path / "cache" / "done.json").read_text()) == {"done_rows": 300}
