@@ -144,6 +144,8 @@ def training_queries(data: MSMarco, cfg: Config) -> tuple[Grouped, Grouped]:
     if not len(positives):  # the hard negatives' filter says so itself (MSMarco.filtered_negatives)
         raise SystemExit(f"error: the sample of {cfg.max_triples:,} triples holds no training query: check "
                          f"{data.path('qidpidtriples.train.full.2.tsv.gz')}")
+    data.check_train_qids(positives.qids, "msmarco-hard-negatives.jsonl.gz" if cfg.negatives == "hard"
+                          else "qidpidtriples.train.full.2.tsv.gz")  # now, not at the first batch after a baseline
     return positives, negatives
 
 

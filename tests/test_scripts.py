@@ -616,3 +616,30 @@ def test_v1_pairs_from_filtered_hard_negatives(tmp_path):
     assert pairs(other.column("qid").to_numpy(), other.column("pid").to_numpy()) != pairs(qid, pid)
     with pytest.raises(SystemExit, match="--negatives must be triples or hard"):
         mod.training_pairs(data, config.parse_cli(cfg, ["--negatives=dense"]))
+
+
+@pytest.mark.parametrize("name", ["train_cross-encoder-v1", "train_cross-encoder-v2", "train_bi-encoder-v2"])
+def test_a_training_query_missing_from_the_queries_file_stops_the_data_stage(name, copy, tmp_path):
+    """A training file and queries.tar.gz of different releases end the run at its data stage, naming both files,
+    not at the first batch that meets the query, after the baseline evaluation (hours at full scale)."""
+    import io
+    import tarfile
+    qid = int((copy / "qrels.train.tsv").read_text().split()[0])  # a query that every training file has
+    with tarfile.open(copy / "queries.tar.gz") as t:
+        members = {m.name: t.extractfile(m).read() for m in t.getmembers()}
+    members["queries.train.tsv"] = b"".join(ln for ln in io.BytesIO(members["queries.train.tsv"])
+                                            if not ln.startswith(b"%d\t" % qid))
+    with tarfile.open(copy / "queries.tar.gz", "w:gz") as t:
+        for member, blob in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(blob)
+            t.addfile(info, io.BytesIO(blob))
+    mod, cfg = tiny_config(name, tmp_path / "out", f"--data_dir={copy}")
+    data = MSMarco(cfg.data_dir)
+    with pytest.raises(errors.DataError, match=rf"unknown query id\(s\) \[{qid}\].*come from different releases"):
+        if name == "train_cross-encoder-v1":
+            mod.training_pairs(data, cfg)
+        elif name == "train_cross-encoder-v2":
+            mod.training_samples(data, np.arange(len(data.teacher_scores()["qid"])), cfg.loss)
+        else:
+            mod.training_queries(data, cfg)
