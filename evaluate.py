@@ -293,21 +293,36 @@ def keep_head_fp32(model) -> None:
     head.register_forward_pre_hook(lambda mod, args: tuple(a.float() for a in args))
 
 
+@contextlib.contextmanager
+def _label_lock(path: Path):
+    """One evaluation of a model name at a time in a data folder; none where the folder is read-only (a shared one
+    serves its complete caches, and nothing there can be removed)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError:
+        yield
+        return
+    with paths.file_lock(path):
+        yield
+
+
 def _bi_encoder_splits(model, folder: Path, data, splits: list[BenchmarkSplit], cfg: Config, out: Path, tag: str,
                        parts: dict[str, BenchmarkSplit]):
     coll = data.collection()
     cache = data.dir / paths.PREPARED / "embeddings" / embedding_fingerprint(folder, model, coll)
     label = cache.name.rsplit("-", 1)[0]
-    for old in cache.parent.glob("*"):  # one cache per model: 6.8 GB each for 384 dimensions at full size
-        if old != cache and re.fullmatch(re.escape(label) + r"-[0-9a-f]{16}", old.name):
-            print(f"removing {old}: the embeddings of an earlier {label} (other model files, max_seq_length, "
-                  "dtype or collection)")
-            shutil.rmtree(old, ignore_errors=True)
-    print(f"collection: {len(coll):,} passages; embedding cache {cache}")
-    emb = encode_collection(model, coll, cache, batch_size=cfg.batch_size, chunk=cfg.encode_chunk)
-    texts = [t for s in splits for t in s.queries]  # every split's queries in one pass over the embeddings
-    q = model.encode_query(texts, batch_size=cfg.batch_size, convert_to_tensor=True, show_progress_bar=False)
-    scores, rows = search_embeddings(model, q, emb, cfg.depth, progress=len(coll) > 1_000_000)
+    with _label_lock(cache.parent / f"{label}.lock"):  # another evaluation of this name would remove what this reads
+        for old in cache.parent.glob("*"):  # one cache per model: 6.8 GB each for 384 dimensions at full size
+            if old.is_dir() and old != cache and re.fullmatch(re.escape(label) + r"-[0-9a-f]{16}", old.name):
+                print(f"removing {old}: the embeddings of an earlier {label} (other model files, max_seq_length, "
+                      "dtype or collection)")
+                shutil.rmtree(old, ignore_errors=True)
+        print(f"collection: {len(coll):,} passages; embedding cache {cache}")
+        emb = encode_collection(model, coll, cache, batch_size=cfg.batch_size, chunk=cfg.encode_chunk)
+        texts = [t for s in splits for t in s.queries]  # every split's queries in one pass over the embeddings
+        q = model.encode_query(texts, batch_size=cfg.batch_size, convert_to_tensor=True, show_progress_bar=False)
+        scores, rows = search_embeddings(model, q, emb, cfg.depth, progress=len(coll) > 1_000_000)
     ids = np.asarray(coll.ids)
     results, start = {}, 0
     for s in splits:

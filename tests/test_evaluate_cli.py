@@ -114,6 +114,26 @@ def test_bi_encoder_dense_retrieval_matches_ir_measures(bi_eval):
     _check_against_ir_measures(out, report, depth=1000)
 
 
+def test_an_evaluation_waits_for_another_of_the_same_model_name(bi_eval, models, tmp_path):
+    """Two evaluations of one model name at once (say, at two max_lengths): each would remove the other's embedding
+    cache as an earlier model's, so the second waits for the first's lock on the name before it touches the caches."""
+    import threading
+    root = SAMPLE / paths.PREPARED / "embeddings"
+    label = evaluate.model_label("", models["bi"])
+    other = root / f"{label}-0123456789abcdef"  # the cache another evaluation of the name is reading
+    other.mkdir(parents=True, exist_ok=True)
+    done = threading.Event()
+    try:
+        with paths.file_lock(root / f"{label}.lock"):
+            t = threading.Thread(target=lambda: (evaluate.main(_cfg(models["bi"], tmp_path)), done.set()))
+            t.start()
+            assert not done.wait(3) and other.is_dir()  # waiting, the other's cache untouched
+        t.join(300)
+        assert done.is_set() and not other.exists()  # then it ran, and removed the cache as an earlier model's
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
 def test_rerun_uses_the_embedding_cache(bi_eval, models, tmp_path, monkeypatch):
     from sentence_transformers import SentenceTransformer
     out, _ = bi_eval
