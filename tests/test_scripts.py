@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, rewrite_text
 from msmarco import config, errors, evaluation, metrics, paths
 from msmarco.data import MSMarco
+from msmarco.models import offline_base_model
 
 SCRIPTS = ["train_cross-encoder-v1", "train_cross-encoder-v2", "train_bi-encoder-v2"]
 
@@ -94,6 +95,15 @@ def test_trains_evaluates_saves_and_reloads(name, tiny_runs):
     assert set(dev.qids).isdisjoint(evaluation.load_rerank_set(MSMarco(cfg.data_dir), "dev-tune").qids)
     # the saved model is the one the script evaluated, and loads with stock sentence-transformers
     assert rerun_metrics(name, out / "model", cfg) == pytest.approx(res["dev-test"]["trained"], abs=1e-9)
+    # ... the checkpoint with the best dev-tune MRR@10 (the earlier on a tie), and a trained one: its encoder moved
+    mrr = {r["step"]: r["eval_dev-tune_MRR@10"] for r in history if "eval_dev-tune_MRR@10" in r and r["step"]}
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{2 if mrr[2] >= mrr[4] else 4}"), (mrr, state)
+    from safetensors.numpy import load_file
+    key = "encoder.layer.0.attention.self.query.weight"
+    base = load_file(str(Path(offline_base_model()) / "model.safetensors"))[key]
+    saved, = (w for k, w in load_file(str(next((out / "model").rglob("model.safetensors")))).items() if k.endswith(key))
+    assert np.abs(saved.astype(np.float32) - base).max() > 1e-6
 
 
 def test_the_evaluation_queries_do_not_depend_on_the_training_seed(tmp_path):
