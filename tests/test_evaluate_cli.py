@@ -570,3 +570,30 @@ def test_two_evaluations_of_one_model_encode_its_collection_once(tmp_path):
     assert sorted(m.seen for m in models) == [0, 300]
     np.testing.assert_array_equal(out[0], out[1])
     assert json.loads((tmp_path / "cache" / "done.json").read_text()) == {"done_rows": 300}
+
+
+def test_bi_encoder_runs_rank_the_most_similar_passages_first(models, tmp_path):
+    """Reranking and dense retrieval (uncached and through the fp16 cache) score by the model's own similarity and
+    keep the largest: the same scores, and the same top 5, as a plain similarity matrix over the passages."""
+    from sentence_transformers import SentenceTransformer
+    model = SentenceTransformer(str(models["bi"]), device="cpu")
+    coll = _Head(MSMarco(SAMPLE).collection(), 300)
+    texts = [coll.text_at(r) for r in range(len(coll))]
+    row_of = {int(pid): r for r, pid in enumerate(coll.ids)}
+    q = ["what is a bank", "how long do cats sleep"]
+    sims = model.similarity(model.encode_query(q), model.encode_document(texts)).numpy()
+
+    def by_row(run):  # {query index: {collection row: score}}
+        return {int(qid) - 1: {row_of[int(pid)]: score for pid, score in hits.items()} for qid, hits in run.items()}
+    for cache in (None, tmp_path / "cache"):
+        run = by_row(evaluation.dense_retrieval_run(model, q, [1, 2], coll, k=5, batch_size=16, chunk=64,
+                                                    cache_dir=cache))
+        for i, s in enumerate(sims):
+            assert set(run[i]) == set(np.argsort(-s)[:5].tolist()), cache
+            assert [run[i][r] for r in sorted(run[i])] == pytest.approx([float(s[r]) for r in sorted(run[i])], abs=2e-3)
+    spans = [(0, 7), (7, 10)]
+    rs = evaluation.RerankSet(name="t", qids=[1, 2], queries=q, candidates=[coll.ids[lo:hi] for lo, hi in spans],
+                              passages=[texts[lo:hi] for lo, hi in spans], qrels={}, min_grade=1)
+    run = by_row(evaluation.bi_encoder_run(model, rs))
+    for i, (lo, hi) in enumerate(spans):
+        assert [run[i][r] for r in range(lo, hi)] == pytest.approx(sims[i, lo:hi].tolist(), abs=1e-5)
