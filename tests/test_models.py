@@ -49,6 +49,24 @@ def test_head_bias_is_the_bias_of_the_logit(tiny_models, arch, pooling):
     torch.testing.assert_close(after - before, torch.full_like(before, 2.5), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_the_mean_head_scores_the_masked_mean_of_the_token_states(tiny_models, arch):
+    """pooling=mean (both sample presets): the logit is the linear head on the mean of the pair's token states,
+    padding left out; [CLS] alone, or a mean over the padding, would score otherwise."""
+    model = models.cross_encoder(tiny_models[arch], max_length=32, pooling="mean")
+    model.eval()
+    scores = model.predict(PAIRS, activation_fn=torch.nn.Identity(), convert_to_tensor=True)
+    batch = model.tokenizer([q for q, _ in PAIRS], [p for _, p in PAIRS], padding=True, truncation=True,
+                            max_length=32, return_tensors="pt")
+    assert not batch["attention_mask"].all()  # the pairs differ in length: one of them is padded
+    with torch.no_grad():
+        states = model[0].auto_model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        mean = (states * mask).sum(1) / mask.sum(1)
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        torch.testing.assert_close(scores, head(mean).squeeze(-1), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])  # their configs name dropout differently
 def test_dropout_zero_makes_training_forward_passes_deterministic(tiny_models, arch):
     features = None
