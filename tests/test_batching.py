@@ -58,6 +58,25 @@ def test_token_store_is_the_tokenizers_output(data, ce):
     assert data.tokens("collection", ce.tokenizer) is store  # opened once
 
 
+def test_another_tokenizer_gets_its_own_token_store(copy, ce):
+    """The store is keyed by the tokenizer's behaviour: a cased variant of the same vocabulary (as another recipe's
+    base model would bring) builds its own ids instead of reading the uncased ones."""
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer.from_str(ce.tokenizer.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.BertNormalizer(lowercase=False)
+    cased = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]")
+    data = MSMarco(copy)
+    queries = data.queries("train")
+    texts = [queries.text_at(i) for i in range(len(queries))]
+    uncased_store, cased_store = data.tokens("queries.train", ce.tokenizer), data.tokens("queries.train", cased)
+    assert uncased_store.folder != cased_store.folder
+    for store, tok in ((uncased_store, ce.tokenizer), (cased_store, cased)):
+        assert [store.row_ids(i).tolist() for i in range(len(queries))] == \
+            tok(texts, add_special_tokens=False)["input_ids"]
+    assert cased(texts, add_special_tokens=False)["input_ids"] != ce.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 @pytest.mark.parametrize("max_length", [24, 48, 128, 512])
 def test_pairs_are_the_stock_tokenization(data, ce, max_length):
     """Token-id pairs equal CrossEncoder.preprocess of the texts (ids, token types), truncation included."""
