@@ -266,3 +266,21 @@ def test_loss_scale_follows_the_similarity():
     model = SentenceTransformer(modules=[t, Pooling(t.get_embedding_dimension(), "mean")], device="cpu")
     norms = model.encode(["what is a bi-encoder", "the capital of france is paris"], convert_to_tensor=True).norm(dim=1)
     assert (norms > 2).all()  # why dot products need no extra scale
+
+
+def test_dot_similarity_reaches_the_loss_and_the_saved_model(tmp_path, monkeypatch):
+    """--similarity=dot: MNRL scores dot products at scale 1, and the saved model ranks by dot product too."""
+    mod, cfg = tiny_config("train_bi-encoder-v2", tmp_path, "--similarity=dot")
+    scales = []
+
+    class Recorded(mod.MultipleNegativesRankingLoss):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            scales.append((self.scale, self.similarity_fct))
+    monkeypatch.setattr(mod, "MultipleNegativesRankingLoss", Recorded)
+    mod.main(cfg)
+    from sentence_transformers import SentenceTransformer
+    saved = SentenceTransformer(str(tmp_path / "model"))
+    assert [s for s, _ in scales] == [1.0] and saved.similarity_fn_name == "dot"
+    a, b = saved.encode(["what is a bank", "a bank holds money"], convert_to_tensor=True)
+    assert float(scales[0][1](a[None], b[None])) == pytest.approx(float(a @ b), rel=1e-4)
