@@ -31,7 +31,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "msmarco-sample"
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "sample"
 DL20_QRELS = BUNDLED / "2020qrels-pass.txt"
 BM25_RUN = BUNDLED / "runs" / "bm25" / "dl2020.run"
-RUN_FILES = [BM25_RUN, *sorted((SHARED / "runs").glob("*.trec"))] if (SHARED / "runs").is_dir() else [BM25_RUN]
+# the source's other runs (its dl20.BM25.trec is the bundled run's bytes); each skips, saying so, where it is absent
+RUN_FILES = [BM25_RUN, *(SHARED / "runs" / f"dl20.{name}.trec"
+                         for name in ("BM25_RM3", "D_BERT_KD_TASB", "OPEN_AI_ADA2", "SPLADE_P_P_ENSEMBLE_DISTIL"))]
 TOL = 1e-9
 
 
@@ -95,6 +97,8 @@ def test_dl20_bm25_reference_figures(irm, dl20_qrels):
 
 @pytest.mark.parametrize("run_file", RUN_FILES, ids=lambda p: p.stem)
 def test_dl20_runs_agree_with_ir_measures(irm, dl20_qrels, run_file):
+    if not run_file.exists():
+        pytest.skip(f"{run_file} is not here: the source folder of the sample sits beside the repository in CI only")
     run = read_trec_run(run_file)
     assert set(dl20_qrels) <= set(run), "run must cover every judged query (see module docstring)"
     ours, theirs = _our_values(run, dl20_qrels), _their_values(irm, run, dl20_qrels)
