@@ -434,8 +434,14 @@ def test_readme_snippet_runs(models, capsys):
     code, n = re.subn(r'^bi_encoder_path = ".*"$', f'bi_encoder_path = "{models["bi"]}"', code, flags=re.M)
     code, m = re.subn(r'^cross_encoder_path = ".*"$', f'cross_encoder_path = "{models["ce"]}"', code, flags=re.M)
     assert n == m == 1
-    exec(compile(code, "README.md", "exec"), {})
-    assert capsys.readouterr().out.strip()
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    lines = capsys.readouterr().out.strip().splitlines()
+    scores = [float(ln.split(None, 1)[0]) for ln in lines]
+    texts = [ln.split(None, 1)[1] for ln in lines]
+    # the bi-encoder's 3 nearest passages, reranked by the cross-encoder: best score first
+    assert len(lines) == 3 and scores == sorted(scores, reverse=True)
+    assert set(texts) == {scope["passages"][i] for i in scope["top"]}
 
 
 def test_a_bi_encoder_downloads_no_candidate_file_for_its_bm25_column(models, copy, tmp_path, monkeypatch, capsys):
