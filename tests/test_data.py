@@ -36,6 +36,9 @@ def test_collection_repairs_double_encoded_utf8(ms, raw_collection):
     assert "’" in fixed and "â\x80\x99" not in fixed
     assert fixed == text.replace("â\x80\x99", "’") or fixed == repair(text)
     assert fixed.count("’") >= text.count("â\x80\x99")
+    # two passages' repaired text as written out here, not by the repair function the store itself calls
+    assert coll[6596].endswith(" The financial industry has been Clinton’s most frequent sponsor.")
+    assert "bahasa prokem (prokém a more-out dated" in coll[231083]
 
 
 def test_collection_keeps_text_that_does_not_round_trip(ms, raw_collection):
