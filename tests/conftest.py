@@ -128,9 +128,3 @@ def write_pickle(path: Path, blob: bytes) -> Path:
     else:
         path.write_bytes(blob)
     return path
-
-
-def pytest_collection_modifyitems(config, items):
-    """The --sample runs first (a quarter of the suite's time, in one file): on two workers (pytest.ini) the other
-    worker runs every other file beside them, instead of the suite waiting for them at its end."""
-    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_sample_runs.py")
