@@ -420,6 +420,8 @@ def test_model_detection_and_errors(models, tmp_path):
     assert (tmp_path / "metrics.json").read_text() == "{}" and not (tmp_path / "config.json").exists()
     with pytest.raises(SystemExit, match="model folder output/nope/model does not exist"):
         evaluate.main(evaluate.Config(model="output/nope/model"))
+    with pytest.raises(SystemExit, match="model folder output/nope does not exist"):  # not a hub name: output/ is here
+        evaluate.main(evaluate.Config(model="output/nope"))
     broken = tmp_path / "broken"
     shutil.copytree(models["ce"], broken)
     (broken / "config_sentence_transformers.json").write_text("{bad")
@@ -603,3 +605,9 @@ def test_bi_encoder_runs_rank_the_most_similar_passages_first(models, tmp_path):
     run = by_row(evaluation.bi_encoder_run(model, rs))
     for i, (lo, hi) in enumerate(spans):
         assert [run[i][r] for r in range(lo, hi)] == pytest.approx(sims[i, lo:hi].tolist(), abs=1e-5)
+
+
+def test_the_sample_preset_encodes_the_collection_in_checkpointed_chunks():
+    """--sample: the bar moves and a cut run keeps what it encoded (one 100,000-passage chunk did neither)."""
+    cfg = config.script_config(evaluate.Config(), evaluate.SAMPLE, ["--sample", "--model=offline:all-MiniLM-L6-v2"])
+    assert cfg.encode_chunk * 10 <= len(MSMarco(SAMPLE).collection())
