@@ -53,7 +53,7 @@ from msmarco.distributed import main_process_first, process_group
 from msmarco.errors import user_errors
 from msmarco.evaluation import (RerankEvaluator, RetrievalEvaluator, bi_encoder_run, evaluation_sets,
                                 rerank_table)
-from msmarco.models import compile_args, freeze_unused_pooler, precision_args, resolve_model, set_dropout
+from msmarco.models import compile_args, freeze_unused_pooler, loading, precision_args, resolve_model, set_dropout
 from msmarco.paths import resolve_dir
 from msmarco.run import (baseline_metrics, merge, metric_history, report, resume_point, save_model, start_run,
                          train_from)
@@ -240,9 +240,10 @@ def main(cfg: Config) -> dict:
     # 2. Model: transformer + mean pooling; cosine or dot similarity; dropout as the base model has it, or --dropout.
     #    Its max_seq_length is what it scores with, here and once saved; training batches are cut at max_seq_length.
     torch.manual_seed(cfg.seed)
-    transformer = Transformer(resolve_model(cfg.model_name),
-                              max_seq_length=cfg.eval_max_seq_length or cfg.max_seq_length,
-                              model_kwargs={"attn_implementation": cfg.attn_implementation})
+    with loading(cfg.model_name):  # offline or misspelt: a message and exit code 1
+        transformer = Transformer(resolve_model(cfg.model_name),
+                                  max_seq_length=cfg.eval_max_seq_length or cfg.max_seq_length,
+                                  model_kwargs={"attn_implementation": cfg.attn_implementation})
     freeze_unused_pooler(transformer)  # mean pooling skips a BERT pooler; DDP must not wait for its gradients
     model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
                                 similarity_fn_name=cfg.similarity)

@@ -23,7 +23,8 @@ class OutputFolderError(RuntimeError):
 
 
 class ModelError(RuntimeError):
-    """A model whose output cannot rank: scores or embeddings that are not finite, a head of more than two labels."""
+    """A model that cannot serve: a base model that does not load (no folder here, and the hub unreachable or the
+    name unknown), or one whose output cannot rank (scores or embeddings that are not finite, more than two labels)."""
 
 
 # A bad --key=value already ends the script with its message (config.py).

@@ -4,7 +4,11 @@ bf16 matrix units, fp16 autocast with a grad scaler on older GPUs, else fp32) wi
 in it, and the optional torch.compile of training."""
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 from . import paths
+from .errors import ModelError
 
 
 def offline_base_model() -> str:
@@ -29,6 +33,20 @@ def resolve_model(name: str) -> str:
         raise SystemExit(f"error: unknown offline model {name!r}; known: {', '.join(OFFLINE_MODELS)}")
     local = paths.resolve_dir(name)
     return str(local) if local.exists() else name
+
+
+@contextlib.contextmanager
+def loading(name: str):
+    """Where a base model is loaded: a name that is no folder here and that the hub cannot serve (offline, or
+    misspelt) ends the script with what to do (errors.ModelError: exit code 1), not with transformers' traceback."""
+    try:
+        yield
+    except OSError as e:
+        if Path(resolve_model(name)).exists():
+            raise  # a folder here that does not load: its own error says what is wrong with it
+        raise ModelError(f"could not load the model {name!r}: it is no folder here, and the hub did not serve it "
+                         f"({str(e).strip().splitlines()[0][:300]}). Check the name, run once online to cache it "
+                         "(HF_HOME), or pass a local folder or offline:all-MiniLM-L6-v2") from None
 
 
 def amp_dtype(device_type: str):
@@ -132,10 +150,15 @@ def cross_encoder(model_name: str, max_length: int, pooling: str, activation=Non
     attention implementation (sdpa, eager, flash_attention_2). `dropout` >= 0: the probability of every dropout
     layer while training; -1 keeps the base model's own (set_dropout). `freeze_embeddings`: train without the
     embedding layer (freeze_embedding_layer)."""
+    name = resolve_model(model_name)
+    with loading(model_name):
+        return _cross_encoder(name, max_length, pooling, activation, attn, dropout, freeze_embeddings)
+
+
+def _cross_encoder(name, max_length, pooling, activation, attn, dropout, freeze_embeddings):
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder
     from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
-    name = resolve_model(model_name)
     if pooling == "cls":
         model = CrossEncoder(name, num_labels=1, max_length=max_length, activation_fn=activation,
                              model_kwargs={"attn_implementation": attn})

@@ -155,3 +155,16 @@ def test_mixed_precision_where_it_pays(monkeypatch, machine, gpu, amx, args, dty
     # a model left on the CPU of a GPU machine scores as that CPU allows; other devices without autocast
     assert isinstance(models.autocast("cpu"), torch.autocast) == amx
     assert isinstance(models.autocast("meta"), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_a_model_the_hub_cannot_serve_is_named_with_what_to_do(pooling):
+    """Offline (the tests always are) or misspelt: a ModelError, which a script ends on with exit code 1 and the
+    message, not transformers' traceback."""
+    from msmarco import errors
+    with pytest.raises(errors.ModelError, match=r"could not load the model 'nope-org/nope-model-xyz'.*offline:"):
+        models.cross_encoder("nope-org/nope-model-xyz", max_length=32, pooling=pooling)
+    assert errors.ModelError in errors.USER_ERRORS
+    with pytest.raises(errors.ModelError, match="nope-model-xyz"), models.loading("nope-org/nope-model-xyz"):
+        from sentence_transformers.sentence_transformer.modules import Transformer
+        Transformer("nope-org/nope-model-xyz")
